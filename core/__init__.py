@@ -1,0 +1,1 @@
+"""Plain-Python building blocks shared by the steps (config, model sources, artifact types)."""
