@@ -91,6 +91,7 @@ class EvalReport(HtmlReport):
     reference_name: str = "base"
     reference: ModelScores | None = None
     gate_passed: bool
+    on_fail: str = "stop"  # what merge does with a failed gate: "stop" or "warn" (EvalConfig.gate.on_fail)
     gate_messages: list[str] = Field(default_factory=list)
     samples: list[Sample] = Field(default_factory=list)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from zenml import Model, pipeline
 
 from core.config import PipelineConfig
+from core.models import model_identity
 from steps.evaluate import evaluate
 from steps.format_prompts import format_prompts
 from steps.ingest import ingest, source_fingerprint
@@ -26,14 +27,17 @@ def lora_pipeline(config: PipelineConfig) -> None:
     # Runs on the client while ZenML compiles the DAG: the data's fingerprint
     # becomes an ingest parameter, so edited data misses the cache and
     # identical data hits it (ZenML hashes step code and parameters, not files).
+    # Likewise the base model's identity (GGUF file, local folder contents, Hub
+    # revision) keys every step that loads it.
+    base_id = model_identity(config.model)
     raw = ingest(data=config.data, fingerprint=source_fingerprint(config.data))
     clean, _report = validate(raw, validation=config.validation)
-    train_ds, eval_ds = format_prompts(clean, model=config.model, prompt=config.prompt)
+    train_ds, eval_ds = format_prompts(clean, model=config.model, prompt=config.prompt, base_id=base_id)
     adapter, metrics = train(
-        train_ds, eval_ds, model=config.model, quant=config.quant, lora=config.lora, train=config.train
+        train_ds, eval_ds, model=config.model, quant=config.quant, lora=config.lora, train=config.train, base_id=base_id
     )
-    report = evaluate(adapter, eval_ds, model=config.model, evaluate=config.evaluate)
-    merged = merge(adapter, report, eval_ds, model=config.model, merge=config.merge)
+    report = evaluate(adapter, eval_ds, model=config.model, evaluate=config.evaluate, base_id=base_id)
+    merged = merge(adapter, report, eval_ds, model=config.model, merge=config.merge, base_id=base_id)
     push(
         merged,
         adapter,

@@ -73,3 +73,75 @@ def tiny_model_dir(tmp_path_factory, bundled_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_source(tiny_model_dir) -> ModelSource:
     return ModelSource(source="local", name=str(tiny_model_dir))
+
+
+def qa_rows(n: int, split: str = "") -> dict:
+    """A learnable toy task: fixed, short answers keyed by the question."""
+    return {
+        "id": [f"qa.jsonl:{i + 1}" for i in range(n)],
+        "split": [split] * n,
+        "messages": [
+            [
+                {"role": "user", "content": f"What is the code for item {i}?"},
+                {"role": "assistant", "content": f"The code for item {i} is {i * 7 % 100}."},
+            ]
+            for i in range(n)
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_source):
+    """(train, eval) tokenized with the tiny model's tokenizer."""
+    from datasets import Dataset
+
+    from core.config import PromptConfig
+    from core.models import load_tokenizer
+    from steps.format_prompts import format_dataset
+    from steps.ingest import FEATURES
+
+    tok = load_tokenizer(tiny_source)
+    train, held_out, _ = format_dataset(Dataset.from_dict(qa_rows(48), features=FEATURES), tok, PromptConfig(eval_fraction=0.2))
+    return train, held_out
+
+
+TINY_LORA = dict(r=8, alpha=16, dropout=0.0)
+TINY_TRAIN = dict(max_steps=8, learning_rate=1e-2, micro_batch_size=4, save_every=4, logging_steps=1, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_source, tiny_splits):
+    """One short QLoRA run on the tiny model, shared by the train/evaluate/merge tests.
+
+    Returns (adapter folder, metrics, parameter snapshots taken at train begin and end).
+    """
+    from transformers import TrainerCallback
+
+    from core.config import LoraSettings, QuantConfig, TrainConfig
+    from steps.train import train_adapter
+
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def _take(self, model):
+            return {n: p.detach().clone().float() for n, p in model.named_parameters()}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            snapshots["begin"] = self._take(model)
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            snapshots["end"] = self._take(model)
+
+    root = tmp_path_factory.mktemp("trained")
+    train, held_out = tiny_splits
+    adapter, metrics = train_adapter(
+        train,
+        held_out,
+        tiny_source,
+        QuantConfig(),
+        LoraSettings(**TINY_LORA),
+        TrainConfig(**TINY_TRAIN, checkpoint_dir=str(root / "ckpt")),
+        root / "adapter",
+        callbacks=[Snapshot()],
+    )
+    return adapter, metrics, snapshots

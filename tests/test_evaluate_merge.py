@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.config import EvalConfig, GateConfig, MergeConfig
+from core.models import load_base
+from core.reports import ModelScores
+from steps.evaluate import apply_gate, evaluate_adapter, text_scores
+from steps.merge import MergeMismatchError, QualityGateError, enforce_gate, merge_adapter
+
+
+@pytest.fixture(scope="module")
+def report(trained_adapter, tiny_splits, tiny_source):
+    adapter, _, _ = trained_adapter
+    return evaluate_adapter(adapter, tiny_splits[1], tiny_source, EvalConfig(num_generate=4, max_new_tokens=12))
+
+
+def test_fine_tuned_beats_base_on_held_out_loss(report, tiny_splits):
+    assert report.eval_rows == len(tiny_splits[1])
+    assert report.tuned.loss < report.base.loss - 0.1
+    assert report.tuned.perplexity < report.base.perplexity
+    assert len(report.samples) == 4 and all(s.reference for s in report.samples)
+    assert report.gate_passed, report.gate_messages
+    html = report.to_html()
+    assert "Side by side" in html and report.samples[0].reference.split()[0] in html
+
+
+def test_text_scores():
+    rouge, exact = text_scores(["Returns within 45 days.", "no idea"], ["Returns within 45 days.", "Call ext. 12."])
+    assert exact == 0.5 and 0.5 <= rouge < 1.0
+
+
+def test_gate_blocks_a_worse_candidate():
+    better = ModelScores(loss=1.0, perplexity=2.7, rouge_l=0.6, exact_match=0.2)
+    worse = ModelScores(loss=1.5, perplexity=4.5, rouge_l=0.5, exact_match=0.1)
+    passed, msgs = apply_gate(worse, [("production (version 3)", better)], GateConfig())
+    assert not passed and sum(m.endswith("FAIL") for m in msgs) == 2
+    passed, _ = apply_gate(better, [("base", worse)], GateConfig(min_loss_improvement=0.1))
+    assert passed
+    passed, _ = apply_gate(better, [("base", worse)], GateConfig(min_loss_improvement=0.5))
+    assert not passed  # 1.0 is not 50% below 1.5
+
+
+def test_failed_gate_stops_merge_unless_warn(report):
+    failed = report.model_copy(update={"gate_passed": False, "gate_messages": ["eval loss 2 vs base 1 -> FAIL"]})
+    with pytest.raises(QualityGateError, match="eval loss 2 vs base 1"):
+        enforce_gate(failed)
+    enforce_gate(failed.model_copy(update={"on_fail": "warn"}))  # logs, does not raise
+
+
+def test_merged_logits_match_base_plus_adapter(trained_adapter, tiny_splits, tiny_source, tmp_path):
+    from peft import PeftModel
+
+    adapter, _, _ = trained_adapter
+    folder, info = merge_adapter(adapter, tiny_source, MergeConfig(), tiny_splits[1], tmp_path / "merged")
+    assert info["dtype"] == "float16" and info["logit_max_rel_diff"] < 2e-2
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float16"
+    assert {"tokenizer.json", "generation_config.json"} <= set(folder.files())
+    merged = AutoModelForCausalLM.from_pretrained(folder.path, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(load_base(tiny_source, quant=None, dtype=torch.float32), str(adapter.path))
+    ids = torch.tensor([tiny_splits[1][0]["input_ids"]])
+    with torch.no_grad():
+        got, want = merged(ids).logits, reference(ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (got - want).abs().max() / want.abs().max() < 1e-2
+    base_logits = load_base(tiny_source, quant=None, dtype=torch.float32)(ids).logits
+    assert (base_logits - want).abs().max() > 10 * (got - want).abs().max()  # the adapter mattered
+
+
+def test_merge_mismatch_fails_before_writing(trained_adapter, tiny_splits, tiny_source, tmp_path):
+    adapter, _, _ = trained_adapter
+    with pytest.raises(MergeMismatchError, match="merge.logit_rtol"):
+        merge_adapter(adapter, tiny_source, MergeConfig(logit_rtol=1e-9), tiny_splits[1], tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import TINY_LORA, TINY_TRAIN
+from core.config import LoraSettings, QuantConfig, TrainConfig
+from steps.train import latest_complete_checkpoint, train_adapter
+
+
+def test_training_loss_goes_down(trained_adapter):
+    _, metrics, _ = trained_adapter
+    losses = [loss for _, loss in metrics.loss_curve]
+    assert metrics.steps == TINY_TRAIN["max_steps"]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert metrics.train_tokens > 0 and metrics.tokens_per_s > 0 and metrics.peak_mem_bytes > 0
+    assert metrics.final_eval_loss is not None
+    assert 0 < metrics.trainable_params < metrics.total_params
+
+
+def test_lora_weights_change_and_base_weights_do_not(trained_adapter):
+    adapter, _, snaps = trained_adapter
+    begin, end = snaps["begin"], snaps["end"]
+    lora = [n for n in begin if "lora_" in n]
+    base = [n for n in begin if "lora_" not in n]
+    assert lora and base
+    changed = [n for n in lora if not torch.equal(begin[n], end[n])]
+    assert len(changed) == len(lora), set(lora) - set(changed)
+    for n in base:
+        assert torch.equal(begin[n], end[n]), f"base weight {n} changed"
+    saved = load_file(adapter.path / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+def test_interrupted_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_source, tiny_splits):
+    train, held_out = tiny_splits
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 6, "save_every": 2}, checkpoint_dir=str(tmp_path / "ckpt"))
+    args = (train, held_out, tiny_source, QuantConfig(), LoraSettings(**TINY_LORA), cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(*args, tmp_path / "a1", callbacks=[CrashAt(5)])
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert latest_complete_checkpoint(run_dir).name == "checkpoint-4"
+    # a crash while writing checkpoint-6 left only the adapter file behind
+    partial = run_dir / "checkpoint-6"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    assert latest_complete_checkpoint(run_dir).name == "checkpoint-4"
+    _, metrics = train_adapter(*args, tmp_path / "a2")
+    assert metrics.resumed_from_step == 4
+    assert metrics.steps == 6
+    assert [s for s, _ in metrics.loss_curve][0] > 4  # only the remaining steps ran
