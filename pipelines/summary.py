@@ -1,0 +1,52 @@
+"""Print what the latest lora_pipeline run produced: scores, artifacts, where to look.
+
+    python -m pipelines.summary            # `make run` calls this after the run
+"""
+
+from __future__ import annotations
+
+from zenml.client import Client
+
+
+def summarize(run) -> str:
+    steps = run.steps
+    lines = [f"lora_pipeline run {run.name} ({run.id}): {run.status}"]
+
+    def output(step: str, name: str):
+        if step not in steps or name not in steps[step].outputs:
+            return None
+        return steps[step].outputs[name][0]
+
+    if art := output("train", "train_metrics"):
+        m = art.load()
+        lines.append(
+            f"  train: {m.steps} steps, {m.train_tokens} tokens in {m.seconds:.0f} s ({m.tokens_per_s:.1f} tokens/s), "
+            f"final loss {m.final_train_loss:.3f}, {m.trainable_params:,} trainable params"
+        )
+    if art := output("evaluate", "eval_report"):
+        r = art.load()
+        lines.append(f"  evaluate on {r.eval_rows} held-out rows:      base -> fine-tuned")
+        for metric in ("loss", "perplexity", "rouge_l", "exact_match"):
+            lines.append(f"    {metric:<12} {getattr(r.base, metric):>10.3f} -> {getattr(r.tuned, metric):.3f}")
+        lines.append(f"  quality gate vs {r.reference_name}: {'passed' if r.gate_passed else 'FAILED'}")
+    for step, name in (("merge", "merged_model"), ("push", "upload_bundle"), ("train", "adapter")):
+        if art := output(step, name):
+            lines.append(f"  {name}: {art.uri}")
+    if art := output("push", "push_result"):
+        p = art.load()
+        lines.append(f"  push ({p.mode}): {len(p.files)} files, {p.total_bytes / 1e6:.1f} MB" + (
+            f", commit {p.commit_url}" if p.commit_url else ""))
+    if run.model_version:
+        mv = run.model_version
+        lines.append(f"  model version: {mv.model.name} #{mv.number} (stage: {mv.stage or 'none'})")
+    lines.append("  dashboard: zenml login --local   (or: make dashboard), then open the run above")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    run = Client().get_pipeline("lora_pipeline").last_run
+    print(summarize(run))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One ZenML step per file, each a thin @step over plain functions."""

@@ -1,0 +1,318 @@
+"""Step 7 (push): the upload folder, the model card, dry_run vs hub mode against a local fake Hub, the token."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from hub_server import FakeHub
+from huggingface_hub import ModelCard, constants, metadata_load
+from zenml import Model, pipeline, step
+
+from core.artifacts import ModelFolder
+from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
+from core.reports import EvalReport, ModelScores, TrainMetrics
+from steps.push import PushError, PushResult, build_model_card, push, push_model, resolve_token
+
+SENTINEL = "hf_SENTINELdoNotLeak0123456789abcdefXYZ"
+RUN_ID = "0b3c2a1e-0000-4000-8000-00000000beef"
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # display_name of the bundled source
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hub on 127.0.0.1; conftest's HF_HUB_OFFLINE=1 is lifted for huggingface_hub while it runs."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with FakeHub() as server:
+        yield server
+
+
+@pytest.fixture
+def folders(tmp_path) -> tuple[ModelFolder, ModelFolder]:
+    """A merged-model folder and a PEFT adapter folder; random bytes stand in for weights."""
+    rng = __import__("random").Random(0)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float16"}))
+    (merged / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (merged / "model-00001-of-00002.safetensors").write_bytes(rng.randbytes(300_000))
+    (merged / "model-00002-of-00002.safetensors").write_bytes(rng.randbytes(120_000))
+    (merged / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    (merged / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
+    (merged / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/home/me/.cache/zenml-lora/bundled/x", "r": 8, "peft_type": "LORA"})
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(rng.randbytes(50_000))
+    (adapter / "README.md").write_text("---\nbase_model: /home/me/x\n---\n# Model Card for Model ID\n")
+    return ModelFolder(merged), ModelFolder(adapter)
+
+
+def _report(gate_passed: bool = True) -> EvalReport:
+    return EvalReport(
+        eval_rows=12,
+        eval_dataset_hash="ab" * 32,
+        base=ModelScores(loss=2.5, perplexity=12.18, rouge_l=0.21, exact_match=0.0),
+        tuned=ModelScores(loss=1.75, perplexity=5.75, rouge_l=0.4321, exact_match=0.25),
+        reference_name="production (version 3)",
+        reference=ModelScores(loss=1.9, perplexity=6.69, rouge_l=0.4, exact_match=0.1),
+        gate_passed=gate_passed,
+        gate_messages=["eval loss 1.7500 vs 1.9000: -7.9% | ok"],
+    )
+
+
+def _metrics() -> TrainMetrics:
+    return TrainMetrics(
+        steps=20, final_train_loss=1.6, final_eval_loss=1.75, train_tokens=40_000, tokens_per_s=900.0, seconds=44.4,
+        peak_mem_bytes=10**9, trainable_params=1_000, total_params=100_000, compute_dtype="float32", device="cpu",
+    )  # fmt: skip
+
+
+def _push(folders, tmp_path: Path, name: str = "bundle", **push_kwargs) -> tuple[ModelFolder, PushResult]:
+    merged, adapter = folders
+    return push_model(
+        merged,
+        adapter,
+        _report(),
+        _metrics(),
+        model=ModelSource(),
+        lora=LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+        train=TrainConfig(max_steps=20, learning_rate=1e-4),
+        push=PushConfig(**{"token_secret": None, **push_kwargs}),
+        run_id=RUN_ID,
+        out_dir=tmp_path / name,
+    )
+
+
+def _expected_files(folders) -> set[str]:
+    merged, adapter = folders
+    return {*merged.files(), "README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+
+
+def test_hub_mode_uploads_exact_files(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    bundle, result = _push(folders, tmp_path, mode="hub", repo_id="acme/tuned", endpoint=hub.endpoint)
+
+    remote = hub.files("acme/tuned")
+    assert set(remote) == _expected_files(folders)
+    merged, adapter = folders
+    for rel in merged.files():
+        assert remote[rel] == (merged.path / rel).read_bytes(), rel
+    assert remote["adapter/adapter_model.safetensors"] == (adapter.path / "adapter_model.safetensors").read_bytes()
+    assert remote["README.md"] == (bundle.path / "README.md").read_bytes()
+    # The pushed adapter points at the Hub base model, not the local cache path it was trained from.
+    assert json.loads(remote["adapter/adapter_config.json"])["base_model_name_or_path"] == BASE
+
+    commit = hub.repos["acme/tuned"].commits[-1]
+    assert result.mode == "hub"
+    assert result.commit_oid == commit["oid"]
+    assert result.commit_url == f"{hub.endpoint}/acme/tuned/commit/{commit['oid']}"
+    assert RUN_ID in commit["summary"]
+    assert result.files == sorted(remote)
+    assert result.total_bytes == sum(len(b) for b in remote.values())
+    assert hub.unhandled == []
+    # A second push of changed content lands on top; unchanged files are not re-sent.
+    bundle2, result2 = _push(folders, tmp_path, name="bundle2", mode="hub", repo_id="acme/tuned",
+                             endpoint=hub.endpoint, tags=["lora", "v2"])  # fmt: skip
+    assert hub.repos["acme/tuned"].commits[-1]["paths"] == ["README.md"]
+    assert result2.commit_oid != result.commit_oid
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_private_flag_reaches_create_repo(hub, folders, tmp_path, monkeypatch, private):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    _push(folders, tmp_path, mode="hub", repo_id="acme/vis", endpoint=hub.endpoint, private=private)
+    create = next(r for r in hub.requests if r.path == "/api/repos/create")
+    assert json.loads(create.body) == {
+        "name": "vis",
+        "organization": "acme",
+        "visibility": "private" if private else "public",
+    }
+    assert hub.repos["acme/vis"].private is private
+
+
+def test_model_card_metadata_and_body(folders, tmp_path):
+    bundle, _ = _push(folders, tmp_path, repo_id="acme/tuned", dataset_name="acme/support-tickets")
+    meta = metadata_load(bundle.path / "README.md")
+    assert meta["base_model"] == BASE
+    assert meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0"
+    assert meta["tags"] == ["lora", "qlora", "zenml"]
+    assert meta["datasets"] == ["acme/support-tickets"]
+    assert meta["pipeline_tag"] == "text-generation"
+    results = meta["model-index"][0]["results"][0]
+    assert meta["model-index"][0]["name"] == "tuned"
+    assert results["dataset"]["type"] == "acme/support-tickets"
+    assert {m["type"]: m["value"] for m in results["metrics"]} == {
+        "loss": 1.75,
+        "perplexity": 5.75,
+        "rouge": 0.4321,
+        "exact_match": 0.25,
+    }
+
+    card = ModelCard.load(bundle.path / "README.md")  # the library's own parser
+    assert card.data.base_model == BASE
+    assert [r.metric_type for r in card.data.eval_results] == ["loss", "perplexity", "rouge", "exact_match"]
+    body = card.text
+    assert "| Eval loss (nats/token) | 2.5000 | 1.7500 | -0.7500 | 1.9000 |" in body
+    assert "production (version 3)" in body and "**passed**" in body
+    assert "-7.9% \\| ok" in body  # a pipe in a gate message does not break the table
+    assert "| rank r | 8 |" in body and "| target modules | q_proj, v_proj |" in body
+    assert "| learning rate | 0.0001 |" in body and "| optimizer steps | 20 |" in body
+    assert RUN_ID in body
+    assert 'PeftModel.from_pretrained(base, "acme/tuned", subfolder="adapter")' in body
+    assert "(float16)" in body
+
+
+def test_model_card_for_local_base_has_no_base_model_id(tmp_path):
+    """A local folder's path is not a Hub id: it stays out of the YAML (the Hub would reject it)."""
+    card = build_model_card(
+        model=ModelSource(source="local", name=str(tmp_path)),
+        lora=LoraSettings(),
+        train=TrainConfig(),
+        push=PushConfig(),
+        eval_report=_report(),
+        train_metrics=_metrics(),
+        run_id=None,
+    )
+    assert card.data.base_model is None
+    assert str(tmp_path) in card.text
+
+
+def test_dry_run_touches_no_network_and_matches_hub_upload(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"dry_run opened a connection: {args}")
+
+    with monkeypatch.context() as m:
+        m.setattr(constants, "HF_HUB_OFFLINE", True)
+        m.setattr(socket.socket, "connect", no_network)
+        m.setattr(socket, "create_connection", no_network)
+        dry_bundle, dry = _push(folders, tmp_path, name="dry", repo_id="acme/same", endpoint=hub.endpoint)
+    assert hub.requests == []
+    assert dry.mode == "dry_run" and dry.commit_url is None and dry.commit_oid is None
+    assert set(dry.files) == set(dry_bundle.files()) == _expected_files(folders)
+
+    _, real = _push(folders, tmp_path, name="real", mode="hub", repo_id="acme/same", endpoint=hub.endpoint)
+    remote = hub.files("acme/same")
+    assert dry.files == real.files == sorted(remote)
+    # Same inputs, same run: the dry-run bundle is byte for byte what hub mode uploads.
+    assert {f: (dry_bundle.path / f).read_bytes() for f in dry.files} == remote
+
+
+def test_push_adapter_false_leaves_adapter_out(folders, tmp_path):
+    bundle, result = _push(folders, tmp_path, push_adapter=False)
+    assert not any(f.startswith("adapter/") for f in result.files)
+    assert "subfolder=" not in (bundle.path / "README.md").read_text()
+
+
+def test_token_never_leaks(hub, folders, tmp_path, monkeypatch, caplog, capfd):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    bundle, result = _push(folders, tmp_path, mode="hub", repo_id="acme/secret", endpoint=hub.endpoint)
+
+    out, err = capfd.readouterr()
+    assert caplog.records, "expected the step to log something"
+    assert SENTINEL not in caplog.text and SENTINEL not in out + err
+    assert SENTINEL not in result.model_dump_json()
+    for rel in bundle.files():
+        assert SENTINEL.encode() not in (bundle.path / rel).read_bytes(), rel
+    for content in hub.files("acme/secret").values():
+        assert SENTINEL.encode() not in content
+    # ... while every request did carry it.
+    assert hub.requests and all(r.headers["authorization"] == f"Bearer {SENTINEL}" for r in hub.requests)
+
+
+def test_error_text_masks_token(hub, folders, tmp_path, monkeypatch, caplog, capfd):
+    """A server (or proxy) that echoes the Authorization header into an error body."""
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    hub.fail("/commit/", 400, times=10, message=lambda req: f"bad request, you sent {req.headers['authorization']}")
+    with pytest.raises(PushError) as info:
+        _push(folders, tmp_path, mode="hub", repo_id="acme/echo", endpoint=hub.endpoint)
+    text = "".join(traceback.format_exception(info.value))
+    assert "bad request, you sent Bearer ***" in text
+    assert SENTINEL not in text
+    assert info.value.status_code == 400
+    out, err = capfd.readouterr()
+    assert SENTINEL not in caplog.text + out + err
+
+
+def test_hub_mode_without_token_is_a_clear_error(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(PushError, match="no Hugging Face token.*ZenML secret 'huggingface'.*HF_TOKEN"):
+        _push(folders, tmp_path, mode="hub", repo_id="acme/x", endpoint=hub.endpoint)
+    assert hub.requests == []
+    assert not (tmp_path / "bundle").exists()  # fails before building anything
+
+
+def test_hub_rejecting_the_token_is_reported(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    with FakeHub(token="hf_the_right_one") as strict:
+        with pytest.raises(PushError) as info:
+            _push(folders, tmp_path, mode="hub", repo_id="acme/x", endpoint=strict.endpoint)
+    assert info.value.status_code == 401
+    assert "acme/x" in str(info.value) and SENTINEL not in str(info.value)
+
+
+def test_token_from_zenml_secret_then_env(zenml_home, monkeypatch):
+    from zenml.client import Client
+
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert resolve_token(PushConfig(token_secret="no-such-secret-here")) == "hf_from_env"
+    Client().create_secret("test-push-hf", values={"token": "hf_from_secret"})
+    try:
+        assert resolve_token(PushConfig(token_secret="test-push-hf")) == "hf_from_secret"
+        # an exact name only: a secret whose name merely contains the configured one is not used
+        assert resolve_token(PushConfig(token_secret="test-push")) == "hf_from_env"
+    finally:
+        Client().delete_secret("test-push-hf")
+    monkeypatch.delenv("HF_TOKEN")
+    assert resolve_token(PushConfig(token_secret=None)) is None
+    assert os.environ.get("HF_TOKEN") is None
+
+
+@step
+def _push_inputs(merged_dir: str, adapter_dir: str) -> tuple[
+    Annotated[ModelFolder, "merged"], Annotated[ModelFolder, "adapter"],
+    Annotated[EvalReport, "report"], Annotated[TrainMetrics, "metrics"],
+]:  # fmt: skip
+    return ModelFolder(merged_dir), ModelFolder(adapter_dir), _report(), _metrics()
+
+
+@pipeline(model=Model(name="push-step-test"), enable_cache=False)
+def _push_only(merged_dir: str, adapter_dir: str) -> None:
+    merged, adapter, report, metrics = _push_inputs(merged_dir, adapter_dir)
+    push(merged, adapter, report, metrics, model=ModelSource(), lora=LoraSettings(), train=TrainConfig(),
+         push=PushConfig(repo_id="acme/tuned"), promote_to="staging")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_step_in_pipeline_promotes_and_logs_metadata(zenml_home, folders):
+    """The ZenML step: both named outputs stored, push metadata on the model version, gate pass -> staging."""
+    from zenml.client import Client
+
+    run = _push_only(str(folders[0].path), str(folders[1].path))
+    run = Client().get_pipeline_run(run.id)
+    assert run.status.value == "completed"
+    step_run = run.steps["push"]
+    result = step_run.outputs["push_result"][0].load()
+    bundle = step_run.outputs["upload_bundle"][0].load()
+    assert isinstance(result, PushResult) and result.promoted_to == "staging" and result.mode == "dry_run"
+    assert bundle.files() == result.files
+    assert str(run.id) in (bundle.path / "README.md").read_text()
+
+    version = Client().get_model_version("push-step-test", "staging")
+    assert version.id == run.model_version.id
+    logged = version.run_metadata["push"]
+    assert logged["mode"] == "dry_run" and logged["file_count"] == len(result.files)
