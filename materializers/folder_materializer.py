@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Any, ClassVar
 
 from zenml.enums import ArtifactType
 from zenml.materializers.base_materializer import BaseMaterializer
 from zenml.utils import io_utils
 
-from core.artifacts import ModelFolder
+from core.artifacts import ModelFolder, scratch_dir
 
 # Hashing reads every byte; above this size (bytes) ZenML falls back to the artifact id.
 HASH_LIMIT = 2 * 1024**3
@@ -27,7 +26,7 @@ class FolderMaterializer(BaseMaterializer):
 
     def load(self, data_type: type[Any]) -> ModelFolder:
         # A fresh local folder per load: callers may read it after the step returns.
-        local = tempfile.mkdtemp(prefix="zenml-folder-")
+        local = str(scratch_dir("zenml-folder-"))
         io_utils.copy_dir(os.path.join(self.uri, "folder"), local)
         return ModelFolder(local)
 

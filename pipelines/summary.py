@@ -1,6 +1,6 @@
 """Print what the latest lora_pipeline run produced: scores, artifacts, where to look.
 
-    python -m pipelines.summary            # `make run` calls this after the run
+python -m pipelines.summary            # `make run` calls this after the run
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def summarize(run) -> str:
             lines.append(f"  {name}: {art.uri}")
     if art := output("push", "push_result"):
         p = art.load()
-        lines.append(f"  push ({p.mode}): {len(p.files)} files, {p.total_bytes / 1e6:.1f} MB" + (
-            f", commit {p.commit_url}" if p.commit_url else ""))
+        lines.append(
+            f"  push ({p.mode}): {len(p.files)} files, {p.total_bytes / 1e6:.1f} MB"
+            + (f", commit {p.commit_url}" if p.commit_url else "")
+        )
     if run.model_version:
         mv = run.model_version
         lines.append(f"  model version: {mv.model.name} #{mv.number} (stage: {mv.stage or 'none'})")

@@ -55,7 +55,10 @@ def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
         total += loss.item()
         count += int((shift_labels != IGNORE).sum())
@@ -199,7 +202,9 @@ def evaluate(
     context_model = get_step_context().model
     reference = None
     if evaluate.gate.compare_with_stage and context_model is not None:
-        reference = stage_scores(context_model.name, evaluate.gate.compare_with_stage, dataset_content_hash(eval_dataset))
+        reference = stage_scores(
+            context_model.name, evaluate.gate.compare_with_stage, dataset_content_hash(eval_dataset)
+        )
     report = evaluate_adapter(adapter, eval_dataset, model, evaluate, stage_reference=reference)
     for line in report.gate_messages:
         logger.info("gate: %s", line)

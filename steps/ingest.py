@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -172,9 +171,7 @@ def _text(row_id: str, rec: dict, column: str, field: str, required: bool) -> st
     if column not in rec:
         if not required:
             return None
-        raise IngestError(
-            f"{row_id}: missing column '{column}' (mapped to '{field}'); columns present: {sorted(rec)}"
-        )
+        raise IngestError(f"{row_id}: missing column '{column}' (mapped to '{field}'); columns present: {sorted(rec)}")
     value = rec[column]
     if value is not None and not isinstance(value, str):
         raise IngestError(f"{row_id}: field '{column}' must be a string, got {type(value).__name__}: {value!r:.60}")
@@ -238,7 +235,12 @@ def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, "raw_datase
     counts = {s or "unassigned": n for s, n in pd.Series(ds["split"]).value_counts().items()}
     logger.info("ingested %d rows from %s (%s)", len(ds), data.path, counts)
     log_metadata(
-        metadata={"rows": len(ds), "splits": counts, "source": f"{data.source}:{data.path}", "fingerprint": fingerprint},
+        metadata={
+            "rows": len(ds),
+            "splits": counts,
+            "source": f"{data.source}:{data.path}",
+            "fingerprint": fingerprint,
+        },
         artifact_name="raw_dataset",
         infer_artifact=True,
     )

@@ -13,7 +13,6 @@ stops here, before anything is merged or pushed (unless gate.on_fail is warn).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +24,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
-from core.artifacts import ModelFolder
+from core.artifacts import ModelFolder, scratch_dir
 from core.config import MergeConfig, ModelSource
 from core.reports import EvalReport
 from steps.evaluate import _pad
@@ -80,9 +79,7 @@ def merge_adapter(
     expected = _logits(peft_model, batches, tokenizer.pad_token_id)
     merged = peft_model.merge_and_unload()
     actual = _logits(merged, batches, tokenizer.pad_token_id)
-    rel = max(
-        float((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) for a, e in zip(actual, expected)
-    )
+    rel = max(float((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) for a, e in zip(actual, expected))
     if rel > cfg.logit_rtol:
         raise MergeMismatchError(
             f"merged logits differ from base+adapter by {rel:.2e} of the logit range "
@@ -115,7 +112,7 @@ def merge(
 
     quiet_libraries()
     enforce_gate(eval_report)
-    out = Path(tempfile.mkdtemp(prefix="merged-")) / "model"
+    out = scratch_dir("merged-") / "model"
     folder, info = merge_adapter(adapter, model, merge, eval_dataset, out)
     logger.info("merged model: %s", info)
     log_metadata(metadata=info, artifact_name="merged_model", infer_artifact=True)

@@ -12,7 +12,6 @@ never logged, never written to an artifact, the card or metadata, and masked in 
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +22,7 @@ from zenml.config.cache_policy import CachePolicy
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the project's materializers)
-from core.artifacts import HtmlReport, ModelFolder, html_table
+from core.artifacts import HtmlReport, ModelFolder, html_table, scratch_dir
 from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.models import display_name
 from core.reports import EvalReport, ModelScores, TrainMetrics
@@ -390,7 +389,7 @@ def push_model(
         run_id=run_id,
         merged_dtype=_weights_dtype(merged_model.path),
     )
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="zenml-push-bundle-"))
+    out = Path(out_dir) if out_dir is not None else scratch_dir("zenml-push-bundle-")
     bundle = build_bundle(
         merged_model.path,
         adapter.path if (adapter is not None and push.push_adapter) else None,

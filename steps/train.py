@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +31,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
-from core.artifacts import ModelFolder
+from core.artifacts import ModelFolder, scratch_dir
 from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
 from core.reports import TrainMetrics
 from materializers.dataset_materializer import dataset_content_hash
@@ -254,7 +253,7 @@ def train(
     base_id: str = "",
 ) -> tuple[Annotated[ModelFolder, "adapter"], Annotated[TrainMetrics, "train_metrics"]]:
     quiet_libraries()
-    out = Path(tempfile.mkdtemp(prefix="adapter-"))
+    out = scratch_dir("adapter-")
     adapter, metrics = train_adapter(
         train_dataset, eval_dataset, model, quant, lora, train, out / "adapter", base_id=base_id
     )

@@ -101,7 +101,9 @@ def tiny_splits(tiny_source):
     from steps.ingest import FEATURES
 
     tok = load_tokenizer(tiny_source)
-    train, held_out, _ = format_dataset(Dataset.from_dict(qa_rows(48), features=FEATURES), tok, PromptConfig(eval_fraction=0.2))
+    train, held_out, _ = format_dataset(
+        Dataset.from_dict(qa_rows(48), features=FEATURES), tok, PromptConfig(eval_fraction=0.2)
+    )
     return train, held_out
 
 

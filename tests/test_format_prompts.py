@@ -74,10 +74,15 @@ def test_overlong_policies(tok):
     with pytest.raises(OverlongError, match=r"12 row\(s\) longer than prompt.max_seq_len=60.*r0"):
         format_dataset(data, tok, short.model_copy(update={"overlong": "fail"}))
     train, held_out, counts = format_dataset(data, tok, short.model_copy(update={"overlong": "truncate"}))
-    assert counts["truncated"] == 12 and max(len(x) for x in list(train["input_ids"]) + list(held_out["input_ids"])) == 60
+    assert (
+        counts["truncated"] == 12 and max(len(x) for x in list(train["input_ids"]) + list(held_out["input_ids"])) == 60
+    )
     mixed = Dataset.from_dict(
-        {"id": ["long", "s1", "s2", "s3"], "split": ["train", "train", "train", "eval"],
-         "messages": [_rows(1, answer="word " * 80)[0]["messages"]] + list(_rows(3)["messages"])},
+        {
+            "id": ["long", "s1", "s2", "s3"],
+            "split": ["train", "train", "train", "eval"],
+            "messages": [_rows(1, answer="word " * 80)[0]["messages"]] + list(_rows(3)["messages"]),
+        },
         features=FEATURES,
     )
     train, _, counts = format_dataset(mixed, tok, short.model_copy(update={"overlong": "drop"}))

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import TINY_LORA, TINY_TRAIN, qa_rows
 from zenml import Model
 from zenml.client import Client
 from zenml.enums import ExecutionStatus
 
-from conftest import TINY_LORA, TINY_TRAIN, qa_rows
 from core.config import validate_config
 
 STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push"]
@@ -65,11 +65,18 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     mv = run.model_version
     assert mv is not None and mv.stage == "staging"
     linked = {a for a in mv.data_artifact_ids} | {a for a in mv.model_artifact_ids}
-    for step, output in [("ingest", "raw_dataset"), ("validate", "clean_dataset"), ("format_prompts", "train_dataset"),
-                         ("train", "adapter"), ("evaluate", "eval_report"), ("merge", "merged_model"),
-                         ("push", "upload_bundle")]:
+    for step, output in [
+        ("ingest", "raw_dataset"),
+        ("validate", "clean_dataset"),
+        ("format_prompts", "train_dataset"),
+        ("train", "adapter"),
+        ("evaluate", "eval_report"),
+        ("merge", "merged_model"),
+        ("push", "upload_bundle"),
+    ]:
         assert run.steps[step].outputs[output][0].artifact.name in linked or output in {
-            a.artifact.name for a in run.steps[step].outputs[output]}
+            a.artifact.name for a in run.steps[step].outputs[output]
+        }
     report = run.steps["evaluate"].outputs["eval_report"][0].load()
     assert report.tuned.loss < report.base.loss
     assert "evaluation" in mv.run_metadata and "training" in mv.run_metadata
@@ -102,7 +109,7 @@ def test_training_setting_change_reruns_only_train_onwards(setup):
 def test_quality_gate_stops_before_merge_and_push(setup):
     _, raw = setup
     strict = {**raw, "evaluate": {**raw["evaluate"], "gate": {"min_loss_improvement": 0.99, "on_fail": "stop"}}}
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="failure in step"):
         _run(strict, model_name="tiny-gated")
     run = Client().get_pipeline("lora_pipeline").last_run
     statuses = {name: step.status for name, step in run.steps.items()}

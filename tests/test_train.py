@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import TINY_LORA, TINY_TRAIN
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import TINY_LORA, TINY_TRAIN
 from core.config import LoraSettings, QuantConfig, TrainConfig
 from steps.train import latest_complete_checkpoint, train_adapter
 
