@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import sys
 from typing import Annotated
 
 import torch
@@ -32,6 +33,7 @@ from core.artifacts import ModelFolder
 from core.config import EvalConfig, GateConfig, ModelSource
 from core.reports import EvalReport, ModelScores, Sample
 from materializers.dataset_materializer import dataset_content_hash
+from steps import format_prompts as format_prompts_module
 from steps.format_prompts import IGNORE
 
 logger = get_logger(__name__)
@@ -192,7 +194,8 @@ def stage_scores(model_name: str, stage: str, eval_hash: str) -> tuple[str, Mode
     return f"{stage} (version {version.number})", ModelScores(**meta["tuned"])
 
 
-@step(cache_policy=CachePolicy(source_dependencies=[evaluate_adapter, score_model, apply_gate, models.load_base]))
+# ZenML hashes only the step function itself: add this whole file and the helpers it calls.
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], models, format_prompts_module]))
 def evaluate(
     adapter: ModelFolder, eval_dataset: Dataset, model: ModelSource, evaluate: EvalConfig, base_id: str = ""
 ) -> Annotated[EvalReport, "eval_report"]:

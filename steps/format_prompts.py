@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+import sys
 from typing import Annotated, Any
 
 from datasets import Dataset, Features, List, Value
@@ -160,7 +161,8 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
     return train, held_out, counts
 
 
-@step(cache_policy=CachePolicy(source_dependencies=[models.load_tokenizer, models.resolve_model]))
+# ZenML hashes only the step function itself: add this whole file (the template helpers) and core/models.py.
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], models]))
 def format_prompts(
     clean_dataset: Dataset, model: ModelSource, prompt: PromptConfig, base_id: str = ""
 ) -> tuple[Annotated[Dataset, "train_dataset"], Annotated[Dataset, "eval_dataset"]]:

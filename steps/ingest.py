@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
 from datasets import Dataset, Features, List, Value
 from zenml import log_metadata, step
+from zenml.config.cache_policy import CachePolicy
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the dataset materializer)
@@ -228,7 +230,8 @@ def load_rows(data: DataSource) -> Dataset:
     return Dataset.from_dict(rows, features=FEATURES)
 
 
-@step
+# ZenML hashes only the step function itself: add this whole file (the readers and the mapping).
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__]]))
 def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, "raw_dataset"]:
     """Read and map the configured data; `fingerprint` only keys the cache (see source_fingerprint)."""
     ds = load_rows(data)

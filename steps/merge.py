@@ -13,6 +13,7 @@ stops here, before anything is merged or pushed (unless gate.on_fail is warn).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ from core import models
 from core.artifacts import ModelFolder, scratch_dir
 from core.config import MergeConfig, ModelSource
 from core.reports import EvalReport
+from steps import evaluate as evaluate_module
 from steps.evaluate import _pad
 
 logger = get_logger(__name__)
@@ -99,7 +101,8 @@ def merge_adapter(
     return folder, info
 
 
-@step(cache_policy=CachePolicy(source_dependencies=[merge_adapter, enforce_gate, models.load_base]))
+# ZenML hashes only the step function itself: add this whole file and the helpers it calls.
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], models, evaluate_module]))
 def merge(
     adapter: ModelFolder,
     eval_report: EvalReport,

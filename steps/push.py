@@ -12,6 +12,7 @@ never logged, never written to an artifact, the card or metadata, and masked in 
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from zenml.config.cache_policy import CachePolicy
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the project's materializers)
+from core import models as models_module
 from core.artifacts import HtmlReport, ModelFolder, html_table, scratch_dir
 from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.models import display_name
@@ -420,7 +422,7 @@ def push_model(
 # Cacheable: a hit means these exact inputs were already built (and, in hub mode,
 # uploaded and promoted) by the run it hits. Any changed input, setting or
 # mode re-runs it.
-@step(cache_policy=CachePolicy(source_dependencies=[push_model, build_model_card, build_bundle, upload_bundle]))
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], models_module]))
 def push(
     merged_model: ModelFolder,
     adapter: ModelFolder,

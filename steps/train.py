@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -242,7 +243,8 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@step(cache_policy=CachePolicy(source_dependencies=[train_adapter, build_model, models.load_base, ProgressLog]))
+# ZenML hashes only the step function itself: add this whole file and core/models.py.
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], models]))
 def train(
     train_dataset: Dataset,
     eval_dataset: Dataset,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from importlib.metadata import version
 from typing import Annotated, Any
 
@@ -31,6 +32,7 @@ import pandas as pd
 from datasets import Dataset
 from pydantic import BaseModel, Field
 from zenml import log_metadata, step
+from zenml.config.cache_policy import CachePolicy
 
 import materializers  # noqa: F401  (registers the project's materializers for Dataset and HtmlReport)
 from core.artifacts import HtmlReport, html_table
@@ -314,7 +316,8 @@ def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, Valid
     return ds.select([p for p in range(len(ds)) if p not in drop]), report
 
 
-@step
+# ZenML hashes only the step function itself: add this whole file (the suite and the policy).
+@step(cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__]]))
 def validate(
     raw_dataset: Dataset, validation: ValidationConfig
 ) -> tuple[Annotated[Dataset, "clean_dataset"], Annotated[ValidationReport, "validation_report"]]:
