@@ -118,6 +118,9 @@ class TrainConfig(_Strict):
     seed: int = 42
     # where checkpoints persist across crashed runs (keyed by config and data hash)
     checkpoint_dir: str = ".cache/checkpoints"
+    # processes (one per GPU) the train step runs under accelerate with DDP; >1 needs that many GPUs
+    # in the train step's pod (nvidia.com/gpu). Effective batch = micro_batch_size * grad_accum * num_processes.
+    num_processes: int = Field(1, ge=1)
 
 
 class GateConfig(_Strict):

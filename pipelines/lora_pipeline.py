@@ -33,8 +33,20 @@ def lora_pipeline(config: PipelineConfig) -> None:
     raw = ingest(data=config.data, fingerprint=source_fingerprint(config.data))
     clean, _report = validate(raw, validation=config.validation)
     train_ds, eval_ds = format_prompts(clean, model=config.model, prompt=config.prompt, base_id=base_id)
-    adapter, metrics = train(
-        train_ds, eval_ds, model=config.model, quant=config.quant, lora=config.lora, train=config.train, base_id=base_id
+    # train.num_processes > 1: the same training across N GPUs under accelerate (pipelines/accelerate_train.py),
+    # with the same invocation id, so step settings under `steps: train:` and the lineage stay as they are.
+    train_step = train
+    if config.train.num_processes > 1:
+        from pipelines.accelerate_train import train_accelerated as train_step
+    adapter, metrics = train_step(
+        train_ds,
+        eval_ds,
+        model=config.model,
+        quant=config.quant,
+        lora=config.lora,
+        train=config.train,
+        base_id=base_id,
+        id="train",
     )
     report = evaluate(adapter, eval_ds, model=config.model, evaluate=config.evaluate, base_id=base_id)
     merged = merge(adapter, report, eval_ds, model=config.model, merge=config.merge, base_id=base_id)

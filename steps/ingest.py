@@ -17,6 +17,7 @@ file, row and field named.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -108,6 +109,8 @@ def _read_jsonl(f: Path):
                 raise IngestError(f"{f.name}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
+            if "\x00" in line:  # json's own message ("Invalid control character at") does not say which
+                raise IngestError(f"{f.name}:{lineno}: NUL byte at column {line.index(chr(0)) + 1}; not valid in JSON")
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
@@ -147,10 +150,14 @@ def _read_file(f: Path):
     elif f.suffix == ".json":
         yield from _read_json(f)
     elif f.suffix == ".csv":
-        try:
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+        raw = f.read_bytes()
+        try:  # decoded here, not by pandas: its error offsets are into an internal buffer, not the file
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise IngestError(f"{f.name}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise IngestError(f"{f.name}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        try:
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
         except pd.errors.ParserError as err:
             raise IngestError(f"{f.name}: not valid CSV ({err})") from None
         yield from _frame_rows(f, frame, first_row=2)  # line 1 is the header

@@ -14,10 +14,13 @@ trainer_state.json all present); an incomplete one is skipped.
 
 from __future__ import annotations
 
+import copy
+import gc
 import hashlib
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Annotated
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from zenml import log_metadata, step
 from zenml.config.cache_policy import CachePolicy
 from zenml.logger import get_logger
@@ -66,6 +69,132 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
             continue
         found.append((step_no, ckpt))
     return max(found)[1] if found else None
+
+
+class InsufficientDiskError(OSError):
+    """Less free disk than the run's checkpoints and merged model need; raised before any training."""
+
+
+class TrainOutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory even at micro-batch 1."""
+
+
+def count_parameters(model: ModelSource, lora: LoraSettings) -> tuple[int, int]:
+    """(base model parameters, LoRA parameters), from the model's config alone: built on the meta device, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models.resolve_model(model), revision=model.revision)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in base.parameters())  # tied embeddings count once
+    output = base.get_output_embeddings()  # "all-linear" leaves the LM head out, as peft does
+    adapter = 0
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if lora.target_modules != "all-linear" and name.split(".")[-1] not in lora.target_modules:
+            continue
+        # A (r x in) + B (out x r); DoRA adds one magnitude per output feature
+        adapter += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+    return total, adapter
+
+
+def disk_needed(base_params: int, lora_params: int, save_total_limit: int) -> dict[str, int]:
+    """Bytes of disk this run writes, by part; "total" is their sum.
+
+    Per checkpoint: the adapter in fp32 (4 bytes/param) and AdamW's two fp32 moments (8 bytes/param; 8-bit paged
+    AdamW needs about a quarter of that, so this errs high). The trainer writes a new checkpoint before deleting the
+    oldest, so save_total_limit + 1 exist at the peak. The merge step then writes the base in fp16/bf16 (2 bytes/param).
+    """
+    per_checkpoint = lora_params * (4 + 8)
+    parts = {
+        "checkpoints": per_checkpoint * (save_total_limit + 1),
+        "per_checkpoint": per_checkpoint,
+        "merged_model": base_params * 2,
+    }
+    parts["total"] = parts["checkpoints"] + parts["merged_model"]
+    return parts
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_disk_space(path: Path, base_params: int, lora_params: int, save_total_limit: int) -> dict[str, int]:
+    """Raise InsufficientDiskError when the disk holding `path` has less free space than disk_needed(...)."""
+    need = disk_needed(base_params, lora_params, save_total_limit)
+    free = shutil.disk_usage(path).free
+    if free < need["total"]:
+        raise InsufficientDiskError(
+            f"not enough free disk for training: {path} has {_size(free)} free, this run needs about "
+            f"{_size(need['total'])} ({save_total_limit + 1} checkpoints x {_size(need['per_checkpoint'])} adapter + "
+            f"optimizer state, and {_size(need['merged_model'])} for the merged 16-bit model of "
+            f"{base_params / 1e9:.2f}B parameters). Free some space, point train.checkpoint_dir at a larger disk, "
+            "or lower train.save_total_limit."
+        )
+    return need
+
+
+def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int] | None:
+    """The (micro-batch, grad accum) to retry with after a CUDA OOM: the same effective batch, about half the memory.
+
+    Halves the micro-batch when it is even (4 x 1 -> 2 x 2); otherwise takes its largest divisor below the half
+    (3 x 1 -> 1 x 3), so micro x accum never changes. None at micro-batch 1: nothing left to shrink.
+    """
+    for m in range(micro // 2, 0, -1):
+        if micro % m == 0:
+            return m, accum * (micro // m)
+    return None
+
+
+def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: Path | None, progress):
+    """trainer.train(), retried at a smaller micro-batch (same effective batch) after CUDA out-of-memory.
+
+    A retry resumes from the newest complete checkpoint, or else restarts from the initial adapter weights (steps
+    run before the OOM may have changed them). Returns (trainer, train result, checkpoint resumed from).
+    """
+    initial = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
+    while True:
+        trainer = make_trainer(args)
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=str(resume) if resume else None), resume
+        except torch.cuda.OutOfMemoryError as err:
+            micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+            smaller = smaller_micro_batch(micro, accum)
+            if smaller is None:
+                raise TrainOutOfMemoryError(
+                    f"CUDA out of memory even at micro-batch 1 (grad accum {accum}): lower prompt.max_seq_len, keep "
+                    "train.gradient_checkpointing on, or use a smaller base model"
+                ) from err
+        # Outside the except block, so the traceback (whose frames hold the activations) is gone before freeing.
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        args = copy.copy(args)
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = smaller
+        args.per_device_eval_batch_size = smaller[0]
+        resume = latest_complete_checkpoint(run_dir)
+        if resume is None:
+            with torch.no_grad():
+                for n, p in peft_model.named_parameters():
+                    if n in initial:
+                        p.copy_(initial[n].to(p.device))
+        done = int(resume.name.split("-")[-1]) if resume else 0
+        progress.loss_curve = [(s, v) for s, v in progress.loss_curve if s <= done]  # steps that run again
+        progress.eval_curve = [(s, v) for s, v in progress.eval_curve if s <= done]
+        logger.warning(
+            "CUDA out of memory at micro-batch %d x grad accum %d; retrying at %d x %d (same effective batch %d), "
+            "from %s",
+            micro,
+            accum,
+            *smaller,
+            micro * accum,
+            resume or "the start",
+        )
 
 
 def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, gradient_checkpointing: bool):
@@ -149,11 +278,16 @@ def train_adapter(
 
     run_dir = Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base_id or str(model), quant, lora, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
+    check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
 
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
     tokenizer = models.load_tokenizer(model)
+    # The LoRA init draws from torch's global RNG before the trainer seeds it: seed here, or the same seed gives
+    # a different adapter on every run (and a resumed run could never match an uninterrupted one).
+    set_seed(cfg.seed)
     peft_model = build_model(model, quant, lora, cfg.gradient_checkpointing)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
@@ -191,20 +325,30 @@ def train_adapter(
         dataloader_num_workers=0,
     )
     progress = ProgressLog()
-    trainer = SFTTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[progress] + list(callbacks or []),
-    )
+
+    def make_trainer(train_args):
+        trainer = SFTTrainer(
+            model=peft_model,
+            args=train_args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=[progress] + list(callbacks or []),
+        )
+        if dtype != torch.bfloat16:
+            # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
+            # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
+            for param in trainer.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(dtype)
+        return trainer
+
     if resume:
         logger.info("resuming from %s", resume)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
     seconds = time.perf_counter() - started
     final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
     if final_eval is not None and (not progress.eval_curve or progress.eval_curve[-1][0] != trainer.state.global_step):

@@ -53,6 +53,16 @@ ROLE_SEQUENCE = r"^(?:system,)?user(?:,(?:user|assistant))*,assistant$"  # non-c
 NOT_BLANK = r"\S"
 # C0 controls except tab/LF/CR, DEL, C1 controls (often mojibake) and U+FFFD (a decoding error upstream).
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]"
+# Mojibake: UTF-8 text decoded as Latin-1 or cp1252 somewhere upstream ("Café" -> "CafÃ©", "it's" -> "itâ€™s").
+# A UTF-8 lead byte (C2/C3, or E2 80 for quotes and dashes, EF BB BF for a BOM) turns into "Â"/"Ã"/"â€"/"ï»¿",
+# followed by what the continuation byte shows as in Latin-1 (U+00A0-U+00BF) or cp1252 (the 0x80-0x9F specials).
+# Continuation bytes that show as C1 controls (U+0080-U+009F) are left to CONTROL_CHARS. Real text almost never
+# has "Ã" or "Â" before such a symbol (Portuguese "SÃO" has a letter after it).
+_CONTINUATION = "[\u00a0-\u00bf\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0160\u2039\u0152\u017d\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178]"
+MOJIBAKE = [f"[\u00c2\u00c3]{_CONTINUATION}", f"\u00e2\u20ac{_CONTINUATION}", "\u00ef\u00bb\u00bf"]
+MOJIBAKE_HINT = (
+    "looks like UTF-8 text decoded as Latin-1/cp1252 (mojibake), e.g. 'Ã©' for 'é': fix the source's encoding"
+)
 PROMPT_JOIN = "\n\n"  # between the turns that make up `prompt`
 VALUE_PREVIEW = 40  # characters of an offending value quoted in an error message
 
@@ -169,6 +179,9 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
         gxe.ExpectColumnValuesToNotBeNull(column="messages.content"),
         gxe.ExpectColumnValuesToMatchRegex(column="messages.content", regex=NOT_BLANK),
         gxe.ExpectColumnValuesToNotMatchRegex(column="messages.content", regex=CONTROL_CHARS),
+        gxe.ExpectColumnValuesToNotMatchRegexList(
+            column="messages.content", regex_list=MOJIBAKE, meta={"hint": MOJIBAKE_HINT}
+        ),
         gxe.ExpectColumnValuesToBeInSet(column="messages.role", value_set=list(ROLES)),
     ]
     # Leakage: an eval prompt that is also trained on makes eval loss and ROUGE look better than they are.
@@ -270,9 +283,11 @@ def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, Valid
             item.example_ids = [str(rows["id"].iloc[p]) for p, _ in shown]
             examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[column].loc[i])}" for p, i in shown)
             more = len(first) - len(shown)
+            # what a failure usually means, where the expectation's name does not say (see MOJIBAKE_HINT)
+            hint = (config.meta or {}).get("hint")
             messages.append(
                 f"{item.expectation} on {column!r}: {item.unexpected_count} of {item.element_count} {unit}, "
-                f"e.g. {examples}{f' (+{more} more rows)' if more > 0 else ''}"
+                f"e.g. {examples}{f' (+{more} more rows)' if more > 0 else ''}{f'; {hint}' if hint else ''}"
             )
 
     report = ValidationReport(

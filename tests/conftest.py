@@ -130,6 +130,7 @@ def trained_adapter(tmp_path_factory, tiny_source, tiny_splits):
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             snapshots["begin"] = self._take(model)
+            snapshots["trainable_dtypes"] = {p.dtype for p in model.parameters() if p.requires_grad}
 
         def on_train_end(self, args, state, control, model=None, **kw):
             snapshots["end"] = self._take(model)
