@@ -1,6 +1,8 @@
 # make run    set up (first time) and run the offline default pipeline end to end
 # make test   set up (first time) and run the test suite
 # make dashboard   open ZenML's dashboard on this project's local store
+# make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
+#                  cannot schedule, says so and prints the cron line to use instead
 #
 # ZenML's global config, SQLite store and local artifact store live in
 # .zenml-home/ (git-ignored) unless you point ZENML_CONFIG_PATH elsewhere.
@@ -9,6 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
+SCHEDULE ?= configs/schedule_weekly.yaml
 # Leave empty to use pip's configured index. A CPU-only machine elsewhere can
 # avoid the multi-GB CUDA build with TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -17,7 +20,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard clean
+.PHONY: setup run test lint dashboard schedule browser clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +39,15 @@ run: setup
 	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(CONFIG)
 	$(BIN)/python -m pipelines.summary
 
-test: setup
+# tests/test_dashboard.py drives a headless Chromium and skips without one. When it is missing and
+# we are root on a Debian-like system (CI containers), install it; otherwise leave the machine alone.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ; } || \
+	echo "chromium not installed: tests/test_dashboard.py will skip (apt-get install chromium)"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -44,6 +55,9 @@ lint: setup
 
 dashboard: setup
 	$(BIN)/zenml login --local
+
+schedule: setup
+	$(BIN)/python -m pipelines.schedule $(SCHEDULE)
 
 clean:
 	rm -rf .zenml-home .zen .cache

@@ -159,6 +159,11 @@ class PushConfig(_Strict):
     token_secret: str | None = "huggingface"  # ZenML secret with key `token`; else HF_TOKEN
     endpoint: str | None = None  # Hub endpoint override (self-hosted mirrors, tests)
     dataset_name: str | None = None  # shown in the model card's `datasets:` metadata
+    # hub mode uploads to a candidate branch and verifies it first; then main: one commit onto main;
+    # pr: a pull request against main instead (main unchanged until someone merges it)
+    publish: Literal["main", "pr"] = "main"
+    max_retries: int = Field(5, ge=0)  # per Hub call, on HTTP 408/429/5xx, timeouts and dropped connections
+    retry_wait_s: float = Field(1.0, gt=0)  # seconds before the first retry; doubles per retry, at most 30 s
 
     @model_validator(mode="after")
     def _repo_for_hub(self) -> PushConfig:

@@ -33,7 +33,7 @@ class ScheduleError(RuntimeError):
 def cron_alternative(cron: str, run_config: str = "configs/default.yaml") -> str:
     """A crontab line that runs the pipeline on this machine at the same times."""
     log = ".cache/scheduled-runs.log"
-    return f"{cron} cd {shlex.quote(str(REPO_ROOT))} && make run CONFIG={run_config} >> {log} 2>&1"
+    return f"{cron} cd {shlex.quote(str(REPO_ROOT))} && mkdir -p .cache && make run CONFIG={run_config} >> {log} 2>&1"
 
 
 def check_schedulable(config_path: str | Path, orchestrator=None) -> dict:

@@ -1,7 +1,7 @@
 """Step 5, evaluate: the fine-tuned model against the base on the same held-out split.
 
-Both models are the unquantized base (compute dtype) with the adapter
-switched on or off: that is what the FP16 merge ships. Scores:
+Both models are the unquantized base in the compute dtype, without and then
+with the adapter merged in: that is what the FP16 merge ships. Scores:
 
 - mean cross-entropy per response token (nats) and perplexity, over every eval row;
 - greedy answers on the first `evaluate.num_generate` rows, scored by ROUGE-L F1
@@ -148,11 +148,11 @@ def evaluate_adapter(
     from peft import PeftModel
 
     tokenizer = models.load_tokenizer(model)
-    base = models.load_base(model, quant=None)
-    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
+    base = models.load_base(model, quant=None).eval()
+    base_scores, base_answers = score_model(base, tokenizer, eval_ds, cfg)
+    # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
+    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
     tuned, tuned_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
-    with tuned_model.disable_adapter():
-        base_scores, base_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
     references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
     passed, messages = apply_gate(tuned, references, cfg.gate)
     samples = [

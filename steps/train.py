@@ -355,7 +355,9 @@ def train_adapter(
         progress.eval_curve.append((trainer.state.global_step, float(final_eval)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+    # adapter_config.json + adapter_model.safetensors; the embeddings are not trained, and checking whether
+    # they were would look the base model up on the Hub
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty card; push writes the real one
     tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start if progress.tokens_at_start else None
     tokens = tokens if tokens is not None else trainer.state.num_input_tokens_seen

@@ -33,6 +33,7 @@ FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-extensions",
+    "--disable-3d-apis",  # no WebGL: the dashboard's animated backdrop would keep a software-rendering CPU busy
     "--remote-debugging-address=127.0.0.1",
 )
 
@@ -120,14 +121,44 @@ class Browser:
         missing = [n for n in needles if n not in text]
         raise TimeoutError(f"page never showed {missing} within {timeout:.0f} s; it shows:\n{text[:2000]}")
 
-    def center_of(self, selector: str) -> tuple[float, float]:
-        box = self.eval(
+    def wait_for_any(self, *needles: str, timeout: float = 60.0) -> str:
+        """Poll until one of the needles is visible; return that needle."""
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.text()
+            for needle in needles:
+                if needle in text:
+                    return needle
+            time.sleep(0.5)
+        raise TimeoutError(f"page never showed any of {list(needles)} within {timeout:.0f} s; it shows:\n{text[:2000]}")
+
+    def wait_until_gone(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle not in self.text():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"page still shows {needle!r} after {timeout:.0f} s")
+
+    def _poll(self, expression: str, timeout: float):
+        """Evaluate until it returns something other than null (the page renders asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.eval(expression)
+            if value is not None or time.monotonic() > deadline:
+                return value
+            time.sleep(0.25)
+
+    def center_of(self, selector: str, timeout: float = 30.0) -> tuple[float, float]:
+        box = self._poll(
             f"(() => {{ const e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
             " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+            timeout,
         )
         if box is None:
-            raise LookupError(f"no element matches {selector!r}")
+            raise LookupError(f"no element matches {selector!r} after {timeout:.0f} s")
         return box[0], box[1]
 
     def click_at(self, x: float, y: float) -> None:
@@ -135,20 +166,25 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
-    def click(self, selector: str) -> None:
-        self.click_at(*self.center_of(selector))
+    def click(self, selector: str, timeout: float = 30.0) -> None:
+        self.click_at(*self.center_of(selector, timeout))
 
-    def click_text(self, text: str, tag: str = "button") -> None:
-        """Click the first visible `tag` whose text is `text`."""
-        box = self.eval(
-            f"(() => {{ const e = [...document.querySelectorAll({json.dumps(tag)})]"
+    def click_text(self, text: str, selector: str = "button", timeout: float = 30.0) -> None:
+        """Click the first visible element matching `selector` whose text is `text` (waiting for it to appear)."""
+        box = self._poll(
+            f"(() => {{ const e = [...document.querySelectorAll({json.dumps(selector)})]"
             f".find(b => b.innerText.trim() === {json.dumps(text)} && b.offsetParent !== null);"
             " if (!e) return null; e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+            timeout,
         )
         if box is None:
-            raise LookupError(f"no visible <{tag}> reads {text!r}")
+            raise LookupError(f"no visible {selector!r} reads {text!r} after {timeout:.0f} s")
         self.click_at(*box)
+
+    def scroll_at(self, x: float, y: float, dy: float) -> None:
+        """A mouse-wheel turn over (x, y): scrolls whatever is under the pointer, iframes included."""
+        self.call("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0, deltaY=dy)
 
     def type_into(self, selector: str, text: str) -> None:
         """Click the field, then type the text as keyboard input."""

@@ -1,12 +1,24 @@
-"""A fake Hugging Face Hub on 127.0.0.1: just the endpoints `HfApi.create_repo` + `upload_folder` call.
+"""A fake Hugging Face Hub on 127.0.0.1: the endpoints that steps/push.py's publishing calls.
 
-What huggingface_hub 2.4.0 sends for `create_repo(exist_ok=True)` then `upload_folder(...)`:
+What huggingface_hub 2.4.0 sends for `create_repo(exist_ok=True)` then `upload_folder(...)` / `create_commit(...)`:
 
     POST /api/repos/create                            {"name", "organization", "visibility"?, "type"?}
     POST /api/validate-yaml                           README.md front matter check, before hashing
     POST /api/{type}s/{ns}/{name}/preupload/{rev}     per file: path, size, 512-byte sample -> uploadMode
     POST /api/{type}s/{ns}/{name}/commit/{rev}        NDJSON: header line, then one line per file
+                                                      (?create_pr=1: onto a new refs/pr/N instead of rev)
     GET  /api/{type}s/{ns}/{name}[/revision/{rev}]    repo info (only when a commit would be empty)
+
+and for branches, listings and server-side copies (`create_branch`, `delete_branch`, `list_repo_tree`,
+`get_paths_info`, `CommitOperationCopy`):
+
+    POST   /api/{type}s/{ns}/{name}/branch/{branch}   {"startingPoint"?: branch or commit oid}
+    DELETE /api/{type}s/{ns}/{name}/branch/{branch}
+    GET    /api/{type}s/{ns}/{name}/tree/{rev}[/{path}]   ?recursive=: files and folders, one page
+    POST   /api/{type}s/{ns}/{name}/paths-info/{rev}  form: paths=...&expand=...
+    GET    /[{type}s/]{ns}/{name}/resolve/{rev}/{path}    raw bytes (the client copies regular files this way)
+
+Revisions and branch names arrive URL-quoted ("candidate%2Fabc"); the fake unquotes them.
 
 The server answers preupload with uploadMode "regular" for every file, so every file's bytes
 arrive base64-encoded in the commit NDJSON: the client never forces LFS (it only forces
@@ -14,7 +26,9 @@ arrive base64-encoded in the commit NDJSON: the client never forces LFS (it only
 "lfs" for large and binary files; this fake trades that fidelity for having no storage backend.
 
 Tests read what arrived from `files(repo_id)`, `repos`, `requests` (with lowercased headers),
-and inject failures with `fail(path_contains, status, times)`.
+and inject failures with `fail(path_contains, status, times, ...)`: an HTTP status, or DROP (the connection is
+closed without an answer, as when a proxy or the network drops it); `after=True` fails the request only after
+it took effect (a commit that landed but whose answer was lost).
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -39,7 +53,18 @@ _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(rf"^/api/{_REPO}/preupload/(?P<rev>[^/]+)$"), "_preupload"),
     ("POST", re.compile(rf"^/api/{_REPO}/commit/(?P<rev>[^/]+)$"), "_commit"),
     ("GET", re.compile(rf"^/api/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "_repo_info"),
+    ("POST", re.compile(rf"^/api/{_REPO}/branch/(?P<branch>[^/]+)$"), "_create_branch"),
+    ("DELETE", re.compile(rf"^/api/{_REPO}/branch/(?P<branch>[^/]+)$"), "_delete_branch"),
+    ("GET", re.compile(rf"^/api/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "_tree"),
+    ("POST", re.compile(rf"^/api/{_REPO}/paths-info/(?P<rev>[^/]+)$"), "_paths_info"),
+    # model repos have no type prefix in file URLs
+    (
+        "GET",
+        re.compile(r"^/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"),
+        "_resolve",
+    ),
 ]
+DROP = 0  # a `fail` status: close the connection without answering
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -59,9 +84,11 @@ class Recorded:
 @dataclass
 class Failure:
     path_contains: str
-    status: int
+    status: int  # HTTP status, or DROP
     times: int  # requests left to fail; the rule is spent at 0
     message: str | Callable[[Recorded], str]  # a callable sees the request (e.g. to echo a header)
+    method: str | None = None  # only requests with this method; None: any
+    after: bool = False  # handle the request first (it takes effect), then fail the answer
 
 
 @dataclass
@@ -72,6 +99,7 @@ class Repo:
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})  # rev -> path -> bytes
     heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})  # rev -> commit oid
     commits: list[dict[str, Any]] = field(default_factory=list)  # oid, revision, summary, description, paths
+    snapshots: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"0" * 40: {}})  # commit oid -> files
 
 
 class _HttpError(Exception):
@@ -120,11 +148,17 @@ class FakeHub:
     # ------------------------------------------------------------------ test helpers
 
     def fail(
-        self, path_contains: str, status: int, times: int = 1, message: str | Callable[[Recorded], str] = "injected"
+        self,
+        path_contains: str,
+        status: int,
+        times: int = 1,
+        message: str | Callable[[Recorded], str] = "injected",
+        method: str | None = None,
+        after: bool = False,
     ) -> None:
-        """Answer the next `times` requests whose path contains `path_contains` with `status`."""
+        """Answer the next `times` requests whose path contains `path_contains` with `status` (or DROP them)."""
         with self.lock:
-            self.failures.append(Failure(path_contains, status, times, message))
+            self.failures.append(Failure(path_contains, status, times, message, method, after))
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """Every file at the head of `revision`: path -> bytes."""
@@ -137,13 +171,27 @@ class FakeHub:
     # ------------------------------------------------------------------ request handling
 
     def handle(self, req: Recorded) -> tuple[int, dict[str, str], Any]:
+        """(status, headers, JSON payload or raw bytes); status DROP: close the connection without answering."""
         with self.lock:
             self.requests.append(req)
-            for rule in self.failures:
-                if rule.times > 0 and rule.path_contains in req.path:
-                    rule.times -= 1
-                    msg = rule.message(req) if callable(rule.message) else rule.message
-                    return rule.status, {}, {"error": msg}
+            rule = next(
+                (
+                    r
+                    for r in self.failures
+                    if r.times > 0 and r.path_contains in req.path and r.method in (None, req.method)
+                ),
+                None,
+            )
+            if rule is not None:
+                rule.times -= 1
+        if rule is None:
+            return self._route(req)
+        if rule.after:
+            self._route(req)  # it takes effect; the client never hears so
+        msg = rule.message(req) if callable(rule.message) else rule.message
+        return rule.status, {}, {"error": msg}
+
+    def _route(self, req: Recorded) -> tuple[int, dict[str, str], Any]:
         try:
             if self.token is not None and req.headers.get("authorization") != f"Bearer {self.token}":
                 raise _HttpError(401, "Invalid credentials in Authorization header")
@@ -187,6 +235,67 @@ class FakeHub:
         warnings = [] if meta else [{"message": "Empty or missing yaml metadata in repo card"}]
         return {"errors": [], "warnings": warnings}
 
+    def _branch_files(self, target: Repo, rev: str) -> dict[str, bytes]:
+        if rev not in target.branches:
+            raise _HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        return target.branches[rev]
+
+    @staticmethod
+    def _entry(path: str, data: bytes) -> dict[str, Any]:
+        # the Hub's tree / paths-info entry for a regular (non-LFS) file: its git blob oid and size
+        return {"type": "file", "path": path, "oid": git_blob_oid(data), "size": len(data)}
+
+    def _create_branch(self, req: Recorded, type: str, repo: str, branch: str) -> dict[str, Any]:
+        target, branch = self._repo(type, repo), unquote(branch)
+        if branch in target.branches:
+            raise _HttpError(409, f"Reference {branch} already exists")
+        start = (json.loads(req.body or b"{}") or {}).get("startingPoint") or "main"
+        if start in target.branches:
+            files, head = target.branches[start], target.heads[start]
+        elif start in target.snapshots:  # a commit oid
+            files, head = target.snapshots[start], start
+        else:
+            raise _HttpError(404, f"Invalid rev id: {start}", "RevisionNotFound")
+        target.branches[branch], target.heads[branch] = dict(files), head
+        return {}
+
+    def _delete_branch(self, req: Recorded, type: str, repo: str, branch: str) -> dict[str, Any]:
+        target, branch = self._repo(type, repo), unquote(branch)
+        if branch == "main":
+            raise _HttpError(403, "Cannot delete the default branch")
+        self._branch_files(target, branch)
+        del target.branches[branch], target.heads[branch]
+        return {}
+
+    def _tree(self, req: Recorded, type: str, repo: str, rev: str, path: str | None = None) -> list[dict[str, Any]]:
+        files = self._branch_files(self._repo(type, repo), unquote(rev))
+        recursive = parse_qs(req.query).get("recursive", ["False"])[0].lower() in ("1", "true")
+        prefix = unquote(path).rstrip("/") + "/" if path else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for name, data in sorted(files.items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split("/")
+            # the folders on the way (all of them when recursive, the first level otherwise)
+            for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+                folder = prefix + "/".join(parts[:depth])
+                entries.setdefault(folder, {"type": "directory", "path": folder, "oid": git_blob_oid(folder.encode())})
+            if recursive or len(parts) == 1:
+                entries[name] = self._entry(name, data)
+        return list(entries.values())
+
+    def _paths_info(self, req: Recorded, type: str, repo: str, rev: str) -> list[dict[str, Any]]:
+        files = self._branch_files(self._repo(type, repo), unquote(rev))
+        wanted = parse_qs(req.body.decode()).get("paths", [])
+        return [self._entry(p, files[p]) for p in wanted if p in files]
+
+    def _resolve(self, req: Recorded, type: str | None, repo: str, rev: str, path: str) -> bytes:
+        files = self._branch_files(self._repo(type or "model", repo), unquote(rev))
+        path = unquote(path)
+        if path not in files:
+            raise _HttpError(404, f"Entry not found: {path}", "EntryNotFound")
+        return files[path]
+
     def _preupload(self, req: Recorded, type: str, repo: str, rev: str) -> dict[str, Any]:
         files = self._repo(type, repo).branches.get(unquote(rev), {})
         return {
@@ -205,6 +314,11 @@ class FakeHub:
     def _commit(self, req: Recorded, type: str, repo: str, rev: str) -> dict[str, Any]:
         target = self._repo(type, repo)
         rev = unquote(rev)
+        base = rev
+        if parse_qs(req.query).get("create_pr") == ["1"]:  # a new refs/pr/N from rev takes the commit
+            pr_num = 1 + sum(1 for b in target.branches if b.startswith("refs/pr/"))
+            rev = f"refs/pr/{pr_num}"
+            target.branches[rev], target.heads[rev] = dict(self._branch_files(target, base)), target.heads[base]
         files = dict(target.branches.get(rev, {}))
         header: dict[str, Any] = {}
         paths: list[str] = []
@@ -221,14 +335,16 @@ class FakeHub:
                 files[value["path"]] = base64.b64decode(value["content"])
                 paths.append(value["path"])
             elif key == "deletedFile":
-                files.pop(value["path"], None)
+                if value["path"] not in files:
+                    raise _HttpError(404, f"cannot delete {value['path']}: no such file")
+                files.pop(value["path"])
             elif key == "deletedFolder":
                 prefix = value["path"].rstrip("/") + "/"
                 files = {p: b for p, b in files.items() if not p.startswith(prefix)}
             else:  # lfsFile: this fake never asks for LFS, so the client should never send one
                 raise _HttpError(400, f"fake hub: unsupported commit operation {key!r}")
         parent = target.heads.get(rev, "0" * 40)
-        if header.get("parentCommit") not in (None, parent):
+        if header.get("parentCommit") not in (None, target.heads.get(base, parent)):
             raise _HttpError(412, "A commit has happened since. Please refresh and try again.")
         digest = hashlib.sha1(parent.encode() + json.dumps(header, sort_keys=True).encode())
         for path in sorted(files):
@@ -236,6 +352,7 @@ class FakeHub:
         oid = digest.hexdigest()
         target.branches[rev] = files
         target.heads[rev] = oid
+        target.snapshots[oid] = dict(files)
         target.commits.append(
             {
                 "oid": oid,
@@ -246,7 +363,8 @@ class FakeHub:
             }
         )
         prefix = "" if type == "model" else f"{type}s/"
-        return {"commitUrl": f"{self.endpoint}/{prefix}{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        pr_url = f"{self.endpoint}/{prefix}{repo}/discussions/{rev.split('/')[-1]}" if rev != base else None
+        return {"commitUrl": f"{self.endpoint}/{prefix}{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url}
 
     def _repo_info(self, req: Recorded, type: str, repo: str, rev: str | None = None) -> dict[str, Any]:
         target = self._repo(type, repo)
@@ -285,9 +403,13 @@ class _Handler(BaseHTTPRequestHandler):
             body=self._read_body(),
         )
         status, headers, payload = self.server.hub.handle(req)  # type: ignore[attr-defined]
-        body = json.dumps(payload).encode()
+        if status == DROP:
+            self.close_connection = True  # the client sees the connection close with no response
+            return
+        raw = isinstance(payload, bytes)
+        body = payload if raw else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/octet-stream" if raw else "application/json")
         self.send_header("Content-Length", str(len(body)))
         for key, value in headers.items():
             self.send_header(key, value)

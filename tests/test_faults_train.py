@@ -52,11 +52,15 @@ def _wait_for(what: str, ready, proc: subprocess.Popen) -> None:
         time.sleep(POLL_S)
 
 
-def test_sigkilled_training_resumes_from_last_complete_checkpoint(tmp_path, tiny_model_dir, tiny_source, tiny_splits):
+def test_sigkilled_training_resumes_from_last_complete_checkpoint(
+    tmp_path, tiny_model_dir, tiny_splits, trained_adapter
+):
     train, held_out = tiny_splits
     train.save_to_disk(tmp_path / "train")
     held_out.save_to_disk(tmp_path / "eval")
     save_every, hold_at = 2, 5  # killed after step 5: one step past checkpoint-4, before checkpoint-6
+    # TINY_TRAIN but for save_every, which changes when checkpoints are written, not what is trained: the session's
+    # `trained_adapter` (TINY_TRAIN, uninterrupted, same seed and data) is the run to match.
     cfg = TrainConfig(**{**TINY_TRAIN, "save_every": save_every}, checkpoint_dir=str(tmp_path / "ckpt"))
     lora = LoraSettings(**TINY_LORA)
     spec = {
@@ -73,7 +77,8 @@ def test_sigkilled_training_resumes_from_last_complete_checkpoint(tmp_path, tiny
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, str(WORKER), str(tmp_path / "spec.json")]
 
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd: away from the repo, so ZenML (imported by steps.train) does not touch the repo's .zen/ settings
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         ckpt_root = tmp_path / "ckpt"
         _wait_for(
@@ -97,7 +102,7 @@ def test_sigkilled_training_resumes_from_last_complete_checkpoint(tmp_path, tiny
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"")
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     metrics = json.loads((tmp_path / "adapter" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 4  # the partial checkpoint-6 was skipped
@@ -105,16 +110,7 @@ def test_sigkilled_training_resumes_from_last_complete_checkpoint(tmp_path, tiny
     assert metrics["steps"] == cfg.max_steps
     assert metrics["loss_curve"][0][0] == 5  # only the remaining steps ran again
 
-    # The same training, uninterrupted, in this process: same seed, same data -> the same adapter.
-    reference, _ = train_adapter(
-        train,
-        held_out,
-        tiny_source,
-        QuantConfig(),
-        lora,
-        cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ckpt-ref")}),
-        tmp_path / "reference",
-    )
+    reference, _, _ = trained_adapter
     resumed = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     expected = load_file(reference.path / "adapter_model.safetensors")
     assert resumed.keys() == expected.keys()

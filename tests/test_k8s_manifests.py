@@ -122,9 +122,9 @@ def k8s_stack(zenml_home):
         name="k8s-gpu-test",
         components={
             StackComponentType.ORCHESTRATOR: orchestrator.id,
-            StackComponentType.ARTIFACT_STORE: client.active_stack_model.components[
-                StackComponentType.ARTIFACT_STORE
-            ][0].id,
+            StackComponentType.ARTIFACT_STORE: client.active_stack_model.components[StackComponentType.ARTIFACT_STORE][
+                0
+            ].id,
             StackComponentType.CONTAINER_REGISTRY: registry.id,
             StackComponentType.IMAGE_BUILDER: builder.id,
         },

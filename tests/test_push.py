@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import socket
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated
 
 import pytest
-from hub_server import FakeHub
+from hub_server import DROP, FakeHub
 from huggingface_hub import ModelCard, constants, metadata_load
 from zenml import Model, pipeline, step
 
@@ -316,3 +317,195 @@ def test_step_in_pipeline_promotes_and_logs_metadata(zenml_home, folders):
     assert version.id == run.model_version.id
     logged = version.run_metadata["push"]
     assert logged["mode"] == "dry_run" and logged["file_count"] == len(result.files)
+
+
+# --- publishing: candidate branch, verification, one commit onto main, retries ------------------------------------
+
+FAST = {"retry_wait_s": 0.01}  # seconds before the first retry (doubling): keeps retry tests quick
+
+
+def _main_commits(hub: FakeHub, repo_id: str) -> list[dict]:
+    return [c for c in hub.repos[repo_id].commits if c["revision"] == "main"]
+
+
+def _hub_push(hub, folders, tmp_path, name="bundle", repo_id="acme/pub", **kwargs):
+    return _push(folders, tmp_path, name=name, mode="hub", repo_id=repo_id, endpoint=hub.endpoint, **kwargs)
+
+
+def test_hub_publish_goes_through_a_verified_candidate_branch(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    _, result = _hub_push(hub, folders, tmp_path)
+    calls = hub.calls()
+    branch_calls = [c for c in calls if "/branch/" in c]
+    assert len(branch_calls) == 2 and branch_calls[0].startswith("POST") and branch_calls[1].startswith("DELETE")
+    candidate = branch_calls[0].rsplit("/", 1)[1]
+    assert candidate.startswith("candidate%2F" + RUN_ID[:8])
+    # upload to the branch, list it to verify, then the single commit onto main, then delete the branch
+    upload = calls.index(f"POST /api/models/acme/pub/commit/{candidate}")
+    verify = calls.index(f"GET /api/models/acme/pub/tree/{candidate}", upload)
+    publish = calls.index("POST /api/models/acme/pub/commit/main", verify)
+    assert calls.index(f"DELETE /api/models/acme/pub/branch/{candidate}", publish)
+    repo = hub.repos["acme/pub"]
+    assert set(repo.branches) == {"main"}  # the candidate branch is gone
+    [main_commit] = _main_commits(hub, "acme/pub")
+    assert main_commit["oid"] == result.commit_oid == repo.heads["main"] and result.revision == "main"
+    assert set(hub.files("acme/pub")) == _expected_files(folders)
+    commit_body = next(r.body for r in hub.requests if r.path == "/api/models/acme/pub/commit/main")
+    assert json.loads(commit_body.splitlines()[0])["value"]["parentCommit"] == "0" * 40  # main's head when it began
+
+    # Publishing without the adapter: main then holds exactly the new upload folder, adapter/ removed in the same
+    # single commit (no stale files from the earlier push).
+    _, second = _hub_push(hub, folders, tmp_path, name="bundle2", push_adapter=False)
+    assert set(hub.files("acme/pub")) == _expected_files(folders) - {
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    }
+    assert len(_main_commits(hub, "acme/pub")) == 2 and second.commit_oid == repo.heads["main"]
+    assert hub.unhandled == []
+
+
+def test_transient_errors_and_dropped_connections_are_retried(hub, folders, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # record the backoff instead of sleeping it
+    # calls huggingface_hub retries itself (preupload, tree listing) and calls with_retries covers (the rest)
+    hub.fail("/api/repos/create", 502)
+    hub.fail("/branch/candidate", 500, method="POST")
+    hub.fail("/preupload/", 503)
+    hub.fail("/commit/candidate", DROP)
+    hub.fail("/commit/candidate", 500)
+    hub.fail("/tree/candidate", DROP)
+    hub.fail("/paths-info/", 500)
+    hub.fail("/resolve/", DROP)
+    hub.fail("/commit/main", 503)
+    hub.fail("/branch/candidate", DROP, method="DELETE")
+    with caplog.at_level(logging.WARNING):
+        _, result = _hub_push(hub, folders, tmp_path, **FAST)
+    assert all(rule.times == 0 for rule in hub.failures), [r for r in hub.failures if r.times]
+    assert set(hub.files("acme/pub")) == _expected_files(folders)
+    assert [c["oid"] for c in _main_commits(hub, "acme/pub")] == [result.commit_oid]  # still one commit
+    assert set(hub.repos["acme/pub"].branches) == {"main"}
+    assert caplog.text.count("Hub: ") >= 7 and "retry 1 of 5" in caplog.text
+    # ours: retry_wait_s, doubling on consecutive failures of one call; huggingface_hub's own: 1 s first
+    assert 0.01 in waits and 0.02 in waits and 1 in waits
+    assert SENTINEL not in caplog.text
+
+
+def test_retries_give_up_on_persistent_errors_and_not_on_client_errors(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    hub.fail("/commit/candidate", 500, times=100)
+    with pytest.raises(PushError) as err:
+        _hub_push(hub, folders, tmp_path, max_retries=2)
+    assert err.value.status_code == 500 and "main is unchanged" in str(err.value)
+    assert sum(c.startswith("POST /api/models/acme/pub/commit/candidate") for c in hub.calls()) == 3  # 1 + 2 retries
+    hub.failures.clear()
+    hub.fail("/commit/candidate", 422, times=100)
+    with pytest.raises(PushError) as err:
+        _hub_push(hub, folders, tmp_path, name="b2")
+    assert err.value.status_code == 422
+    assert sum(c.startswith("POST /api/models/acme/pub/commit/candidate") for c in hub.calls()) == 4  # no retry
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/commit/candidate", 500),  # the upload itself
+        ("/tree/candidate", 404),  # the branch cannot be listed (before upload, for verification)
+        ("/resolve/", 500),  # copying the verified files onto main
+        ("/commit/main", 503),  # the one commit onto main
+        ("/commit/main", 400),  # ... rejected outright
+    ],
+)
+def test_failure_mid_publish_leaves_main_as_it_was(hub, folders, tmp_path, monkeypatch, path, status):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    _hub_push(hub, folders, tmp_path, name="v1")
+    repo = hub.repos["acme/pub"]
+    before_files, before_head, before_commits = hub.files("acme/pub"), repo.heads["main"], len(repo.commits)
+    hub.fail(path, status, times=1000)
+    with pytest.raises(PushError) as err:  # v2: a different card, so there is something to publish
+        _hub_push(hub, folders, tmp_path, name="v2", tags=["v2"], max_retries=2)
+    assert err.value.status_code == status
+    assert "main is unchanged" in str(err.value)
+    assert hub.files("acme/pub") == before_files and repo.heads["main"] == before_head
+    assert len([c for c in repo.commits[before_commits:] if c["revision"] == "main"]) == 0
+    assert set(repo.branches) == {"main"}  # the failed candidate was cleaned up too
+    assert SENTINEL not in str(err.value)
+
+
+def test_lost_answer_to_the_main_commit_is_not_committed_twice(hub, folders, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    hub.fail("/commit/main", DROP, after=True)  # the commit lands; its answer never arrives
+    _, result = _hub_push(hub, folders, tmp_path, **FAST)
+    [commit] = _main_commits(hub, "acme/pub")
+    assert result.commit_oid == commit["oid"] == hub.repos["acme/pub"].heads["main"]
+    assert sum(c == "POST /api/models/acme/pub/commit/main" for c in hub.calls()) == 1  # not sent again
+    assert set(hub.files("acme/pub")) == _expected_files(folders)
+
+
+def test_concurrent_push_to_main_is_not_overwritten(hub, folders, tmp_path, monkeypatch):
+    """Someone pushes to main after the candidate branch was made: the publish commit is refused, theirs stays."""
+    from huggingface_hub import HfApi
+
+    import steps.push as push_module
+
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    verify = push_module.remote_problems
+    theirs = {}
+
+    def verify_then_someone_pushes(api, repo_id, revision, *args):
+        problems = verify(api, repo_id, revision, *args)
+        if revision.startswith("candidate/") and not theirs:
+            api = HfApi(endpoint=hub.endpoint, token=SENTINEL)
+            theirs["oid"] = api.upload_file(path_or_fileobj=b"theirs", path_in_repo="NOTES.md", repo_id=repo_id).oid
+        return problems
+
+    monkeypatch.setattr(push_module, "remote_problems", verify_then_someone_pushes)
+    with pytest.raises(PushError, match="main moved while publishing") as err:
+        _hub_push(hub, folders, tmp_path, **FAST)
+    assert "not published" in str(err.value)
+    assert hub.repos["acme/pub"].heads["main"] == theirs["oid"]
+    assert hub.files("acme/pub") == {"NOTES.md": b"theirs"}
+    assert set(hub.repos["acme/pub"].branches) == {"main"}
+
+
+def test_publish_pr_opens_a_pull_request_and_leaves_main(hub, folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    _hub_push(hub, folders, tmp_path, name="v1")
+    main_before = hub.files("acme/pub")
+    _, result = _hub_push(hub, folders, tmp_path, name="v2", tags=["v2"], publish="pr")
+    assert result.revision == "refs/pr/1" and result.pr_url == f"{hub.endpoint}/acme/pub/discussions/1"
+    assert hub.files("acme/pub") == main_before  # main untouched until someone merges
+    proposed = hub.files("acme/pub", revision="refs/pr/1")
+    assert set(proposed) == _expected_files(folders) and proposed["README.md"] != main_before["README.md"]
+    assert b"- v2" in proposed["README.md"]
+    assert result.commit_oid == hub.repos["acme/pub"].heads["refs/pr/1"]
+    assert not [b for b in hub.repos["acme/pub"].branches if b.startswith("candidate/")]
+
+
+def test_verification_names_missing_changed_and_extra_files(hub, tmp_path, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from steps.push import remote_problems
+
+    api = HfApi(endpoint=hub.endpoint, token=SENTINEL)
+    api.create_repo("acme/check")
+    remote = {"same.bin": b"abc", "changed.bin": b"xyz", "resized.bin": b"12345", "extra.txt": b"!"}
+    api.create_commit(
+        "acme/check", [CommitOperationAdd(p, b) for p, b in remote.items()], commit_message="remote state"
+    )
+    local = tmp_path / "local"
+    local.mkdir()
+    for name, data in {"same.bin": b"abc", "changed.bin": b"xyw", "resized.bin": b"123", "missing.bin": b"?"}.items():
+        (local / name).write_bytes(data)
+    problems = remote_problems(api, "acme/check", "main", local, sorted(p.name for p in local.iterdir()))
+    assert problems == [
+        "changed.bin: content differs (same size)",
+        "missing.bin: missing",
+        "resized.bin: 5 bytes, expected 3",
+        "extra.txt: not in the upload folder",
+    ]
+    assert remote_problems(api, "acme/check", "main", local, []) == [
+        f"{p}: not in the upload folder" for p in sorted(remote)
+    ]
