@@ -10,6 +10,11 @@ Checkpoints go to `train.checkpoint_dir/<key>`, where the key hashes the data,
 base model and every training setting. Re-running the same step after a crash
 resumes from the newest *complete* checkpoint (adapter, optimizer state and
 trainer_state.json all present); an incomplete one is skipped.
+
+Before loading anything, train_adapter checks that the checkpoint disk has room
+for the checkpoints and the merged model (check_disk_space). A CUDA out-of-memory
+error retries at half the micro-batch and twice the accumulation, the same
+effective batch (train_with_oom_retry).
 """
 
 from __future__ import annotations

@@ -109,17 +109,19 @@ def runs(zenml_home, tmp_path_factory, tiny_model_dir, bundled_tokenizer_dir):
     root = tmp_path_factory.mktemp("faults-pipeline")
     base = root / "base"  # a copy: its weights are rewritten below, the session's tiny model must not change
     shutil.copytree(tiny_model_dir, base)
-    _write(root / "train.jsonl", _instruction_rows(40))
-    _write(root / "eval.jsonl", _instruction_rows(8, offset=40))
+    # File names of their own: row ids ("faults_train.jsonl:3") are part of the data, so no other module's runs
+    # of the same rows can be cache hits here (nor these for them).
+    _write(root / "faults_train.jsonl", _instruction_rows(40))
+    _write(root / "faults_eval.jsonl", _instruction_rows(8, offset=40))
     bad = _instruction_rows(40)
     bad[4]["output"] = " \t "  # line 5
-    _write(root / "train_bad.jsonl", bad)
+    _write(root / "faults_train_bad.jsonl", bad)
     with pytest.MonkeyPatch.context() as mp, FakeHub() as hub:
         mp.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets offline mode; the fake Hub is on 127.0.0.1
         mp.setenv("HF_TOKEN", SENTINEL)
         raw = {
             "model": {"source": "local", "name": str(base)},
-            "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
+            "data": {"path": str(root / "faults_train.jsonl"), "eval_path": str(root / "faults_eval.jsonl")},
             "lora": TINY_LORA,
             "train": {**TINY_TRAIN, "checkpoint_dir": str(root / "ckpt")},
             "evaluate": {
@@ -142,7 +144,7 @@ def runs(zenml_home, tmp_path_factory, tiny_model_dir, bundled_tokenizer_dir):
 
         out.files_before, out.versions_before = _store_files(), _artifact_versions()
         with pytest.raises(RuntimeError):
-            _run({**changed, "data": {**raw["data"], "path": str(root / "train_bad.jsonl")}})
+            _run({**changed, "data": {**raw["data"], "path": str(root / "faults_train_bad.jsonl")}})
         out.failed = Client().get_pipeline("lora_pipeline").last_run.id
         out.files_after, out.versions_after = _store_files(), _artifact_versions()
         yield out
@@ -272,7 +274,7 @@ def test_failed_run_names_the_row_and_leaves_the_artifact_store_unchanged(runs):
     assert all(statuses.get(s) != ExecutionStatus.COMPLETED for s in STEPS[2:])  # nothing ran past validate
     info = failed.steps["validate"].exception_info
     assert info is not None
-    assert "train_bad.jsonl:5" in info.message and "expect_column_values_to_match_regex" in info.message
+    assert "faults_train_bad.jsonl:5" in info.message and "expect_column_values_to_match_regex" in info.message
 
     # no new versions of the failed step's outputs (or of anything after it); only ingest's new raw_dataset
     new = {v: name for v, name in runs.versions_after.items() if v not in runs.versions_before}

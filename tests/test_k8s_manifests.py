@@ -95,7 +95,6 @@ def recorded_kubernetes_api():
 def k8s_stack(zenml_home):
     """A Kubernetes stack in the test store, active for this module only; yields (stack model, build id)."""
     client = Client()
-    previous = client.active_stack_model.id
     orchestrator = client.create_stack_component(
         name="k8s-gpu-test",
         flavor="kubernetes",
@@ -129,7 +128,14 @@ def k8s_stack(zenml_home):
             StackComponentType.IMAGE_BUILDER: builder.id,
         },
     )
-    secret = client.create_secret("huggingface", values={"token": HF_SECRET_VALUE, "HF_TOKEN": HF_SECRET_VALUE})
+    # The Hub token as infra/stacks/k8s.sh stores it (another test may have made the secret already).
+    values = {"token": HF_SECRET_VALUE, "HF_TOKEN": HF_SECRET_VALUE}
+    try:
+        secret = client.get_secret("huggingface")
+        previous_values = secret.secret_values
+        client.update_secret(secret.id, add_or_update_values=values)
+    except KeyError:
+        secret, previous_values = client.create_secret("huggingface", values=values), None
     # The image `make`/ZenML would have built and pushed; its code comes from the artifact store.
     build = client.zen_store.create_build(
         PipelineBuildRequest(
@@ -140,12 +146,20 @@ def k8s_stack(zenml_home):
             contains_code=False,
         )
     )
-    client.activate_stack(stack.id)
+    # Active through ZenML's env override, not `zenml stack set`: that would write the active stack
+    # into the repo's .zen/config.yaml, which a developer's own runs read too.
     try:
-        yield stack, build.id
+        with mock.patch.dict(os.environ, {"ZENML_ACTIVE_STACK_ID": str(stack.id)}):
+            yield stack, build.id
     finally:
-        client.activate_stack(previous)
-        client.delete_secret(secret.id)
+        if previous_values is None:
+            client.delete_secret(secret.id)
+        else:
+            client.update_secret(
+                secret.id,
+                add_or_update_values=previous_values,
+                remove_values=sorted(set(values) - set(previous_values)),
+            )
 
 
 def submit(config: Path, build_id):
