@@ -55,7 +55,11 @@ def _loss_svg(train: list[tuple[int, float]], evals: list[tuple[int, float]], w:
             f"{40 + (x - x0) / (x1 - x0) * (w - 60):.1f},{h - 30 - (y - y0) / (y1 - y0) * (h - 50):.1f}"
             for x, y in curve
         )
-        return f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{pts}'/>"
+        # a marker per point too: a one-point curve (eval loss measured once) has no visible line
+        dots = "".join(
+            f"<circle cx='{p.split(',')[0]}' cy='{p.split(',')[1]}' r='3' fill='{color}'/>" for p in pts.split()
+        )
+        return f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{pts}'/>{dots}"
 
     return (
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' style='background:#fff'>"
