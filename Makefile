@@ -3,6 +3,8 @@
 # make dashboard   open ZenML's dashboard on this project's local store
 # make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
 #                  cannot schedule, says so and prints the cron line to use instead
+# make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
+#                  on 127.0.0.1; make unserve stops it (see README "Serving")
 #
 # ZenML's global config, SQLite store and local artifact store live in
 # .zenml-home/ (git-ignored) unless you point ZENML_CONFIG_PATH elsewhere.
@@ -12,6 +14,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
 SCHEDULE ?= configs/schedule_weekly.yaml
+SERVE_CONFIG ?= configs/serve.yaml
+SERVE_NAME ?= lora-chat
 # Leave empty to use pip's configured index. A CPU-only machine elsewhere can
 # avoid the multi-GB CUDA build with TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -20,7 +24,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule browser clean
+.PHONY: setup run test lint dashboard schedule serve unserve browser clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +62,18 @@ dashboard: setup
 
 schedule: setup
 	$(BIN)/python -m pipelines.schedule $(SCHEDULE)
+
+# The local stack plus ZenML's local deployer (registered once), then deploy or update the deployment.
+serve: setup
+	@$(BIN)/zenml deployer describe local-deployer >/dev/null 2>&1 || \
+	  $(BIN)/zenml deployer register local-deployer --flavor=local >/dev/null 2>&1
+	@$(BIN)/zenml stack describe local-serve >/dev/null 2>&1 || \
+	  $(BIN)/zenml stack register local-serve -o default -a default -D local-deployer >/dev/null 2>&1
+	$(BIN)/zenml pipeline deploy --name $(SERVE_NAME) pipelines.serve_pipeline -c $(SERVE_CONFIG) \
+	  --stack local-serve --update
+
+unserve: setup
+	$(BIN)/zenml deployment deprovision $(SERVE_NAME) --yes
 
 clean:
 	rm -rf .zenml-home .zen .cache

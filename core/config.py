@@ -8,11 +8,13 @@ with its key path, e.g. `parameters.config.lora.r: Input should be greater than 
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -104,8 +106,33 @@ class TrainConfig(_Strict):
     max_steps: int = Field(-1, ge=-1)  # optimizer steps; -1: run num_epochs
     num_epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
-    micro_batch_size: int = Field(4, ge=1)  # rows per forward pass
-    grad_accum: int = Field(1, ge=1)  # effective batch = micro_batch_size * grad_accum
+    # rows per forward pass; with packing: packed sequences per forward pass (see tokens_per_micro_batch)
+    micro_batch_size: int = Field(4, ge=1)
+    # effective batch = micro_batch_size * grad_accum (rows; with packing: packed sequences, at most
+    # tokens_per_micro_batch * grad_accum tokens per optimizer step)
+    grad_accum: int = Field(1, ge=1)
+    # Padding-free packing (trl's best-fit-decreasing): whole rows, never split, are packed and each micro-batch
+    # runs as one unpadded sequence whose position_ids restart at every row, so no token attends across rows and
+    # the response-only labels are kept. No compute on padding; a step's row count varies, its token budget does
+    # not. false: padded batches of micro_batch_size rows.
+    packing: bool = True
+    # tokens per forward pass with packing (memory and step time grow with it), split into micro_batch_size packed
+    # sequences of tokens_per_micro_batch // micro_batch_size tokens, each at least the longest row. None:
+    # micro_batch_size x the longest row (never more memory than an unpacked micro-batch at its worst). On CPU a
+    # 4-bit forward pass dequantizes every weight once, whatever its length: a few hundred tokens amortize that.
+    tokens_per_micro_batch: int | None = Field(None, ge=1)
+    # lm_head + cross-entropy only where the shifted label is not -100 (the response; prompts are often most tokens),
+    # instead of a vocab-sized projection at every position. Same loss. On CUDA, trl's fused LM head already scores
+    # only those positions (chunked, Triton) and is kept; this replaces its every-position CPU fallback.
+    labels_only_logits: bool = True
+    # CUDA only, not yet measured: liger-kernel's fused RMSNorm, RoPE and SwiGLU through trl's use_liger_kernel (the
+    # fused linear cross-entropy is trl's fused LM head). auto: on when CUDA is present and liger-kernel is installed;
+    # never imported on CPU. true without CUDA or the package is an error.
+    use_liger_kernel: Literal["auto"] | bool = "auto"
+    # CUDA only, not yet measured: park saved activations in pinned CPU memory between forward and backward (trl's
+    # activation_offloading; with gradient_checkpointing only the layer inputs are saved): less GPU memory for PCIe
+    # traffic. Ignored on CPU, where there is nowhere cheaper to put them.
+    activation_offloading: bool = False
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -142,10 +169,17 @@ class EvalConfig(_Strict):
 
 class MergeConfig(_Strict):
     dtype: Literal["float16", "bfloat16"] = "float16"
+    # largest output safetensors file, e.g. "2GB", "500MB" (GB = 10^9 bytes); more shards, more files to upload
     max_shard_size: str = "2GB"
     check_batches: int = Field(2, ge=1)  # eval batches used to compare merged vs base+adapter
     # largest allowed |merged - (base+adapter)| logit difference, as a fraction of max |logit|
     logit_rtol: float = Field(2e-2, gt=0)
+    # auto: stream the base's safetensors tensor by tensor (host memory: one chunk, not the model) when the adapter
+    # is plain LoRA, else peft's merge_and_unload with the reason logged (DoRA, modules_to_save, ...);
+    # streamed: fail instead of falling back; peft: always load the whole base in memory and merge_and_unload
+    method: Literal["auto", "streamed", "peft"] = "auto"
+    # where the streamed merge computes scale * B @ A (fp32): auto = the GPU when there is one, else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class PushConfig(_Strict):
@@ -172,9 +206,156 @@ class PushConfig(_Strict):
         return self
 
 
+class ExportConfig(_Strict):
+    """Optional GGUF export of the merged model for llama.cpp and Ollama (steps/export_gguf.py)."""
+
+    # off by default: the f16 file is another ~2 bytes/param on disk (~270 MB for SmolLM2-135M), and the
+    # check loads the merged model and the file back (one at a time, ~4 bytes/param of RAM each on CPU)
+    enabled: bool = False
+    name: str | None = None  # general.name and file name (<name>-F16.gguf); None: the ZenML model's name
+    license: str | None = None  # general.license, e.g. apache-2.0; None: not written
+    check_rows: int = Field(4, ge=1)  # eval rows whose logits are compared after loading the file back
+    # largest allowed |GGUF - merged| logit difference, as a fraction of max |logit|. An f16 merge is stored
+    # exactly (0.0 measured); a bf16 merge loses a little in f16 (bf16 values under ~6e-5 lose precision)
+    logit_rtol: float = Field(1e-2, gt=0)
+
+
+# --- task adapters and hyperparameter sweeps ----------------------------------------------
+
+# A task's name is part of its step ids (train_<name>), artifact names (adapter_<name>, eval_report_<name>)
+# and the adapter name the serving pipeline switches to.
+TASK_NAME = r"^[a-z][a-z0-9_]{0,39}$"
+
+
+class LoraOverrides(_Strict):
+    """One task's own LoRA shape; a key left out inherits the top-level `lora`."""
+
+    r: int | None = Field(None, ge=1)  # rank: more capacity, more trainable parameters (linear in r)
+    alpha: int | None = Field(None, ge=1)  # scale = alpha / r
+    dropout: float | None = Field(None, ge=0, lt=1)
+    # e.g. [q_proj, v_proj]: ~1/4 of all-linear's parameters, often enough for a narrow task
+    target_modules: list[str] | Literal["all-linear"] | None = None
+
+
+class TaskConfig(_Strict):
+    """One task adapter, trained on the shared base next to the other tasks' adapters."""
+
+    name: str = Field(pattern=TASK_NAME)  # lower-case letters, digits, _; "default" is reserved
+    data: DataSource  # its own train data, held-out split (eval_path) and column mapping
+    lora: LoraOverrides = Field(default_factory=LoraOverrides)
+
+
+# The settings a sweep may vary, and the short label each gets in a point's id (train_r8_lr0.0005).
+SWEEP_KEYS = {
+    "lora.r": "r",
+    "lora.alpha": "alpha",
+    "lora.dropout": "dropout",
+    "lora.use_rslora": "rslora",
+    "lora.use_dora": "dora",
+    "train.learning_rate": "lr",
+    "train.num_epochs": "ep",
+    "train.max_steps": "steps",
+    "train.micro_batch_size": "mb",
+    "train.grad_accum": "ga",
+    "train.warmup_ratio": "warmup",
+    "train.weight_decay": "wd",
+    "train.lr_scheduler": "sched",
+    "train.seed": "seed",
+}
+
+
+class SweepConfig(_Strict):
+    """A grid over LoRA/training settings: one train + evaluate per point; the lowest eval loss goes on."""
+
+    # setting (a SWEEP_KEYS key) -> values to try; the points are every combination (2 x 2 values: 4 trainings).
+    # Each value is checked like the setting itself. Note YAML reads 5e-4 as text: write 5.0e-4.
+    grid: dict[str, list[int | float | bool | str]] = Field(min_length=1)
+    # the most points allowed: each is a full training run, so a typo in the grid should not start 100
+    max_points: int = Field(16, ge=1)
+
+
+class SweepPoint(BaseModel):
+    """One point of the grid, fully resolved."""
+
+    id: str  # the suffix of its step ids, e.g. r8_lr0.0005
+    values: dict[str, int | float | bool | str]  # grid key -> value, as validated
+    lora: LoraSettings
+    train: TrainConfig
+
+
+def _point_label(key: str, value: Any) -> str:
+    short = SWEEP_KEYS[key]
+    if isinstance(value, bool):
+        return f"{short}-{str(value).lower()}"
+    if isinstance(value, int):
+        return f"{short}{value}"
+    if isinstance(value, float):
+        return f"{short}{value:g}"
+    return f"{short}-{value}"
+
+
+def expand_grid(sweep: SweepConfig, lora: LoraSettings | None, train: TrainConfig | None) -> list[SweepPoint]:
+    """Every point of `sweep.grid` on top of the top-level lora/train; ValueError lists every problem."""
+    problems: list[str] = []
+    bases: dict[str, BaseModel | None] = {"lora": lora, "train": train}
+    typed: dict[str, list[Any]] = {}
+    for key, values in sweep.grid.items():
+        if key not in SWEEP_KEYS:
+            problems.append(f"grid.{key}: not a setting a sweep can vary (use one of: {', '.join(SWEEP_KEYS)})")
+            continue
+        if not values:
+            problems.append(f"grid.{key}: list at least one value")
+            continue
+        section, field = key.split(".")
+        base = bases[section]
+        if base is None:  # that section is invalid itself and reported on its own
+            continue
+        checked = []
+        for i, value in enumerate(values):
+            try:
+                checked.append(getattr(type(base).model_validate({**base.model_dump(), field: value}), field))
+            except ValidationError as err:
+                msg = "; ".join(e["msg"] for e in err.errors())
+                problems.append(f"grid.{key}[{i}] = {value!r}: {msg}")
+        repeated = sorted({repr(v) for v in checked if checked.count(v) > 1})
+        if repeated:
+            problems.append(f"grid.{key}: repeated value(s) {', '.join(repeated)}")
+        typed[key] = checked
+    count = math.prod(len(v) for v in sweep.grid.values())
+    if count > sweep.max_points:
+        problems.append(f"grid has {count} points, more than sweep.max_points={sweep.max_points} (each one trains)")
+    if problems or lora is None or train is None:
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s) in the sweep:\n    " + "\n    ".join(problems))
+        return []
+    points: list[SweepPoint] = []
+    for combo in itertools.product(*typed.values()):
+        values = dict(zip(typed, combo))
+        updates: dict[str, dict[str, Any]] = {"lora": {}, "train": {}}
+        for key, value in values.items():
+            section, field = key.split(".")
+            updates[section][field] = value
+        try:
+            point_lora = LoraSettings.model_validate({**lora.model_dump(), **updates["lora"]})
+            point_train = TrainConfig.model_validate({**train.model_dump(), **updates["train"]})
+        except ValidationError as err:  # settings that are valid one by one but not together
+            problems.append(f"point {values}: " + "; ".join(e["msg"] for e in err.errors()))
+            continue
+        label = "_".join(_point_label(k, v) for k, v in values.items())
+        points.append(SweepPoint(id=label, values=values, lora=point_lora, train=point_train))
+    ids = [p.id for p in points]
+    clashing = sorted({i for i in ids if ids.count(i) > 1})
+    if clashing:
+        problems.append(f"points {clashing} get the same step id: make the values differ in their first 6 digits")
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s) in the sweep:\n    " + "\n    ".join(problems))
+    return points
+
+
 class PipelineConfig(_Strict):
     model: ModelSource = Field(default_factory=ModelSource)
-    data: DataSource
+    # the training data; required unless `tasks` lists one data source per task instead
+    data: DataSource | None = None
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -183,8 +364,57 @@ class PipelineConfig(_Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     push: PushConfig = Field(default_factory=PushConfig)
+    # optional: the merged model as a GGUF file (f16) for llama.cpp / Ollama, checked by loading it back
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # ZenML stage a version is promoted to when it passes the gate; None: never promote
     promote_to: Literal["staging", "production"] | None = "staging"
+    # one adapter per task on the same base, instead of `data`: a train/evaluate chain per task (cached per
+    # task), every adapter on the model version as adapter_<name>. No merge or push: several adapters are
+    # the product; serve them with pipelines/serve_pipeline.py.
+    tasks: list[TaskConfig] | None = Field(None, min_length=1)
+    # a grid of lora/train settings: one train + evaluate per point (independent steps: in parallel where the
+    # orchestrator runs steps in parallel, one pod each on Kubernetes); the best point goes on to merge and push
+    sweep: SweepConfig | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _grid_valid(cls, sweep: SweepConfig | None, info: ValidationInfo) -> SweepConfig | None:
+        if sweep is not None:
+            expand_grid(sweep, info.data.get("lora"), info.data.get("train"))
+        return sweep
+
+    @model_validator(mode="after")
+    def _one_kind_of_run(self) -> PipelineConfig:
+        problems = []
+        if self.tasks is None and self.data is None:
+            problems.append("data is required (or `tasks`, each with its own data)")
+        if self.tasks is not None and self.data is not None:
+            problems.append("set either `data` (one adapter) or `tasks` (one adapter per task, each with its data)")
+        if self.tasks and self.sweep:
+            problems.append("`tasks` and `sweep` do not combine: sweep one task's settings in a single-task config")
+        if self.tasks:
+            names = [t.name for t in self.tasks]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                problems.append(f"tasks: names must be unique, repeated: {repeated}")
+            if "default" in names:
+                problems.append("tasks: 'default' is reserved (the serving name of a single-run adapter)")
+            if self.push.mode == "hub":
+                problems.append("push.mode 'hub' pushes a single run's merged model; a multi-task run pushes nothing")
+            if self.export.enabled:
+                problems.append("export.enabled converts a single run's merged model; a multi-task run merges nothing")
+        if (self.tasks or self.sweep) and self.train.num_processes > 1:
+            problems.append("train.num_processes > 1 is for single runs; each task or sweep point trains in 1 process")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def task_lora(self, task: TaskConfig) -> LoraSettings:
+        """The top-level lora with the task's own settings on top."""
+        return LoraSettings.model_validate({**self.lora.model_dump(), **task.lora.model_dump(exclude_none=True)})
+
+    def sweep_points(self) -> list[SweepPoint]:
+        return expand_grid(self.sweep, self.lora, self.train) if self.sweep else []
 
 
 class ConfigError(ValueError):

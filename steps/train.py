@@ -6,6 +6,18 @@ and a peft LoraConfig wraps it. SFTTrainer trains on the already tokenized
 rows from format_prompts: a dataset with `input_ids` and `labels` is used as
 is, so the response-only labels survive.
 
+The fast path (each part a TrainConfig knob; benchmarks/train_throughput.py
+measures them against the tutorial recipe):
+- packing: trl's padding-free best-fit-decreasing packing of whole rows into
+  micro-batches with a token budget (packed_sequence_length). Each micro-batch
+  is one unpadded sequence whose position_ids restart at every row;
+  transformers turns that into a block-diagonal causal mask (sdpa/eager) or
+  varlen boundaries (flash attention), so no token attends across rows.
+- labels_only_logits: the LM head and cross-entropy run only where the shifted
+  label is not -100 (labels_only_loss, via transformers' `logits_to_keep`).
+- LoRA dropout 0 (the default config) is peft's Identity; nothing re-adds it.
+- CUDA only: liger-kernel (use_liger_kernel) and activation offloading.
+
 Checkpoints go to `train.checkpoint_dir/<key>`, where the key hashes the data,
 base model and every training setting. Re-running the same step after a crash
 resumes from the newest *complete* checkpoint (adapter, optimizer state and
@@ -20,6 +32,7 @@ effective batch (train_with_oom_retry).
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import json
@@ -32,6 +45,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from zenml import log_metadata, step
@@ -48,6 +62,7 @@ from materializers.dataset_materializer import dataset_content_hash
 logger = get_logger(__name__)
 
 COMPLETE_MARKERS = ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json")
+IGNORE_INDEX = -100  # label of a position that has no loss (prompt tokens, padding)
 
 
 def checkpoint_key(train_ds: Dataset, eval_ds: Dataset, base_id: str, *settings) -> str:
@@ -170,8 +185,10 @@ def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: 
             micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
             smaller = smaller_micro_batch(micro, accum)
             if smaller is None:
+                packed = f", one packed sequence of up to {args.max_length} tokens" if args.packing else ""
                 raise TrainOutOfMemoryError(
-                    f"CUDA out of memory even at micro-batch 1 (grad accum {accum}): lower prompt.max_seq_len, keep "
+                    f"CUDA out of memory even at micro-batch 1 (grad accum {accum}){packed}: lower "
+                    f"{'train.tokens_per_micro_batch or ' if args.packing else ''}prompt.max_seq_len, keep "
                     "train.gradient_checkpointing on, or use a smaller base model"
                 ) from err
         # Outside the except block, so the traceback (whose frames hold the activations) is gone before freeing.
@@ -191,13 +208,16 @@ def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: 
         done = int(resume.name.split("-")[-1]) if resume else 0
         progress.loss_curve = [(s, v) for s, v in progress.loss_curve if s <= done]  # steps that run again
         progress.eval_curve = [(s, v) for s, v in progress.eval_curve if s <= done]
+        # With packing the micro-batch counts packed sequences of args.max_length tokens: its token budget halves too.
+        budget = f", {micro * args.max_length} -> {smaller[0] * args.max_length} tokens" if args.packing else ""
         logger.warning(
-            "CUDA out of memory at micro-batch %d x grad accum %d; retrying at %d x %d (same effective batch %d), "
+            "CUDA out of memory at micro-batch %d x grad accum %d; retrying at %d x %d (same effective batch %d)%s, "
             "from %s",
             micro,
             accum,
             *smaller,
             micro * accum,
+            budget,
             resume or "the start",
         )
 
@@ -227,6 +247,180 @@ def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, grad
     # Record the public name, not this machine's cache path, in adapter_config.json.
     peft_model.peft_config["default"].base_model_name_or_path = models.display_name(model)
     return peft_model
+
+
+def longest_row(*datasets: Dataset) -> int:
+    """Tokens in the longest row of the given tokenized datasets."""
+    return max((len(ids) for ds in datasets for ids in ds["input_ids"]), default=0)
+
+
+def packed_sequence_length(cfg: TrainConfig, longest: int) -> int | None:
+    """Tokens per packed sequence with packing (None without): micro_batch_size of them form one micro-batch.
+
+    tokens_per_micro_batch // micro_batch_size, or the longest row when no budget is set. Packing keeps rows whole
+    (trl's "bfd" would cut a longer row and lose its labels), so a budget that leaves less than the longest row is
+    an error, raised before the model loads.
+    """
+    if not cfg.packing:
+        return None
+    if cfg.tokens_per_micro_batch is None:
+        return max(longest, 1)
+    length = cfg.tokens_per_micro_batch // cfg.micro_batch_size
+    if length < longest:
+        raise ValueError(
+            f"train.tokens_per_micro_batch={cfg.tokens_per_micro_batch} split into train.micro_batch_size="
+            f"{cfg.micro_batch_size} packed sequences gives {length} tokens each, but the longest row has {longest} "
+            f"tokens: raise tokens_per_micro_batch to at least {longest * cfg.micro_batch_size}, lower "
+            "micro_batch_size, or leave tokens_per_micro_batch unset (null)"
+        )
+    return length
+
+
+def resolve_liger(setting, cuda: bool) -> bool:
+    """use_liger_kernel: "auto" is on with CUDA and liger-kernel installed; the package is never imported here."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return cuda and installed
+    if setting and not (cuda and installed):
+        raise ValueError(
+            "train.use_liger_kernel is true, but liger-kernel's Triton kernels need a CUDA GPU "
+            f"({'found' if cuda else 'none found'}) and the liger-kernel package "
+            f"({'installed' if installed else 'not installed'}); use auto to apply them only where they can run"
+        )
+    return bool(setting)
+
+
+def labels_only_loss(model, inputs: dict, num_items_in_batch=None):
+    """Mean next-token cross-entropy over the labelled positions, with logits computed at those positions only.
+
+    transformers' `logits_to_keep` takes a boolean (batch, seq) mask: the model runs its LM head on the kept hidden
+    states alone and returns (kept positions, vocab) logits. Position t is kept when label t+1 is not -100 (the
+    usual causal shift), so prompt and padding positions never reach the vocab-sized projection. The value equals the
+    model's own loss (sum over labelled tokens / their number, or / num_items_in_batch under gradient accumulation).
+    Returns (loss, logits, targets).
+    """
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][keep[:, :-1]]
+    # No KV cache: with one, transformers would not detect packed rows and they would attend to each other.
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False, "logits_to_keep": keep}
+    logits = model(**model_inputs).logits
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1), logits, targets
+
+
+@functools.cache
+def labels_only_trainer_class():
+    """SFTTrainer whose loss is labels_only_loss wherever trl's fused LM head would score every position.
+
+    trl's head (added to every SFTTrainer model) projects only the labelled positions on CUDA/XPU with Triton and
+    never materializes the logits; elsewhere (CPU) it projects every position, in chunks. So: keep trl's on those
+    devices, use labels_only_loss on the others. Built on first use: importing trl takes seconds.
+    """
+    from trl import SFTTrainer
+
+    try:  # the device test trl's fused head uses to decide whether to score only the labelled positions
+        from trl.kernels.chunked_logprob import _use_triton as trl_scores_labels_only
+    except ImportError:  # another trl: assume it scores every position, and take over everywhere
+        trl_scores_labels_only = lambda device: False  # noqa: E731
+
+    class LabelsOnlySFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if return_outputs or labels is None or trl_scores_labels_only(labels.device):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, logits, targets = labels_only_loss(model, inputs, num_items_in_batch)
+            # as trl does: num_items_in_batch counts every rank's tokens and DDP averages the gradients
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            # trl's metrics, from the logits already computed: token accuracy and tokens seen
+            mode = "train" if self.model.training else "eval"
+            with torch.no_grad():
+                valid = self.accelerator.gather_for_metrics(torch.tensor(targets.numel(), device=loss.device)).sum()
+                correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                local = mask.sum() if mask is not None else torch.tensor(labels.numel(), device=labels.device)
+                self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return LabelsOnlySFTTrainer
+
+
+def sft_args(cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False):
+    """The SFTConfig of a run: schedule, batch geometry, checkpointing and the fast-path switches."""
+    from trl import SFTConfig
+
+    packing = pack_length is not None
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch"),
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
+        # trl packs whole rows (best-fit decreasing) into sequences of max_length tokens, which packed_sequence_length
+        # made at least the longest row, and padding_free turns each micro-batch into one unpadded sequence.
+        max_length=pack_length,
+        packing=packing,
+        packing_strategy="bfd",
+        padding_free=packing,
+        use_liger_kernel=liger,
+        activation_offloading=cfg.activation_offloading and cuda,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def make_sft_trainer(model, args, train_ds, eval_ds, tokenizer, dtype, labels_only_logits=True, callbacks=None):
+    """The SFTTrainer (labels-only loss when asked), with the LoRA weights kept in the compute dtype."""
+    from trl import SFTTrainer
+
+    cls = labels_only_trainer_class() if labels_only_logits else SFTTrainer
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+    )
+    if dtype != torch.bfloat16:
+        # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
+        # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    return trainer
 
 
 class ProgressLog(TrainerCallback):
@@ -279,8 +473,6 @@ def train_adapter(
     callbacks: list | None = None,
 ) -> tuple[ModelFolder, TrainMetrics]:
     """Train (or resume) and save the adapter to `out_dir`."""
-    from trl import SFTConfig, SFTTrainer
-
     run_dir = Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base_id or str(model), quant, lora, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
@@ -289,6 +481,9 @@ def train_adapter(
 
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
+    # Settings errors before the model loads: fail in seconds.
+    pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
+    liger = resolve_liger(cfg.use_liger_kernel, cuda)
     tokenizer = models.load_tokenizer(model)
     # The LoRA init draws from torch's global RNG before the trainer seeds it: seed here, or the same seed gives
     # a different adapter on every run (and a resumed run could never match an uninterrupted one).
@@ -296,57 +491,27 @@ def train_adapter(
     peft_model = build_model(model, quant, lora, cfg.gradient_checkpointing)
     trainable, total = peft_model.get_nb_trainable_parameters()
 
-    args = SFTConfig(
-        output_dir=str(run_dir),
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_epochs,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch"),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not cuda,
-        eval_strategy="steps" if cfg.eval_every else "no",
-        eval_steps=cfg.eval_every or None,
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        include_num_input_tokens_seen="non_padding",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        max_length=None,  # format_prompts already applied prompt.max_seq_len and its overlong policy
-        packing=False,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = sft_args(cfg, run_dir, cuda=cuda, dtype=dtype, pack_length=pack_length, liger=liger)
+    if pack_length is not None:
+        logger.info(
+            "packing: %d packed sequences of up to %d tokens per micro-batch, x %d accumulation",
+            cfg.micro_batch_size,
+            pack_length,
+            cfg.grad_accum,
+        )
     progress = ProgressLog()
 
     def make_trainer(train_args):
-        trainer = SFTTrainer(
-            model=peft_model,
-            args=train_args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
+        return make_sft_trainer(
+            peft_model,
+            train_args,
+            train_ds,
+            eval_ds,
+            tokenizer,
+            dtype,
+            labels_only_logits=cfg.labels_only_logits,
             callbacks=[progress] + list(callbacks or []),
         )
-        if dtype != torch.bfloat16:
-            # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
-            # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
-            for param in trainer.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.to(dtype)
-        return trainer
 
     if resume:
         logger.info("resuming from %s", resume)

@@ -87,7 +87,10 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     assert _statuses(second) == dict.fromkeys(STEPS, ExecutionStatus.CACHED)
 
     rows = _instruction_rows(40)
-    rows[3]["output"] = "The code for item 3 is 99."
+    # Every other answer changes: 8 steps see 32 of the 40 rows (packed in length order), so one changed row
+    # could be among those never seen, and training would rightly give the same adapter.
+    for i in range(0, 40, 2):
+        rows[i]["output"] = f"The code for item {i} is {90 + i}."
     _write(root / "train.jsonl", rows)
     third = _run(raw)
     assert _statuses(third) == dict.fromkeys(STEPS, ExecutionStatus.COMPLETED)

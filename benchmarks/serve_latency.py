@@ -1,0 +1,349 @@
+"""Serving latency: the same prompts through the ZenML deployment and through direct in-process generation.
+
+    python benchmarks/serve_latency.py --preset smoke                        # tiny 2-layer model: seconds
+    python benchmarks/serve_latency.py --preset cpu --json bench-serve.json  # bundled SmolLM2-135M + a LoRA adapter
+    python benchmarks/serve_latency.py --preset cpu --threads 2             # pin torch threads (both sides)
+    ZENML_CONFIG_PATH=$PWD/.zenml-home python benchmarks/serve_latency.py --serve-config configs/serve.yaml
+                                                                             # the trained model version itself
+
+One run, one machine, sequentially (never both at once). Rows:
+- `direct`: core.serving.answer() in this process, on a model built by the same loader the server uses.
+- `deployment`: POST /invoke on pipelines/serve_pipeline.py deployed with ZenML's local deployer on 127.0.0.1;
+  each request is a ZenML pipeline run whose outputs are stored as artifacts (ZenML's default).
+- `deployment-in-memory`: the same with `skip_artifact_materialization: true` (outputs kept in memory).
+Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
+Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
+all requests / the sum of their latencies). `same answers` checks the deployment's answers equal direct ones.
+
+Presets (a temporary ZenML store is used, removed afterwards):
+- smoke: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, a LoRA adapter r=8 on all linear layers.
+- cpu: the bundled SmolLM2-135M-Instruct with an adapter of configs/default.yaml's LoRA shape (r, alpha, targets).
+  The adapter is untrained (peft's initialisation, LoRA B = 0): the same matrices and cost per token as a trained
+  one; what it answers is the base model's answer.
+`--serve-config FILE` instead benchmarks the model version FILE names (e.g. after `make run`) in the ZenML store
+of ZENML_CONFIG_PATH, with a `local-serve` stack (registered like `make serve` does when missing).
+Prompts: the questions of data/acme_support/eval.jsonl, in file order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PRESETS = {
+    "smoke": {"model": "tiny", "prompts": 6, "max_new_tokens": 16},
+    "cpu": {"model": "bundled", "prompts": 12, "max_new_tokens": 48},
+}
+MODEL_NAME = "serve-bench"
+ROWS = ("direct", "deployment", "deployment-in-memory")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    s = sorted(values)
+    if len(s) == 1:
+        return s[0]
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def load_prompts(n: int) -> list[str]:
+    rows = [json.loads(line) for line in (REPO / "data" / "acme_support" / "eval.jsonl").read_text().splitlines()]
+    return [r["instruction"] for r in rows if r.get("instruction")][:n]
+
+
+def build_tiny_base(out: Path) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template (what the tests use)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core.models import bundled_model_dir
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_adapter(base, lora, out: Path) -> Path:
+    """A peft LoRA adapter folder on `base` (untrained: LoRA B = 0), as steps/train.py would save it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core import models
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+    )
+    peft_model = get_peft_model(models.load_base(base, quant=None), config)
+    peft_model.peft_config["default"].base_model_name_or_path = models.display_name(base)
+    peft_model.save_pretrained(out, save_embedding_layers=False)
+    return out
+
+
+def register_version(adapter_dir: Path) -> None:
+    """Model MODEL_NAME, one version at staging, holding the adapter as the training pipeline links it."""
+    from zenml import save_artifact
+    from zenml.client import Client
+    from zenml.model.utils import link_artifact_version_to_model_version
+
+    import materializers  # noqa: F401
+    from core.artifacts import ModelFolder
+
+    client = Client()
+    client.create_model(name=MODEL_NAME)
+    version = client.create_model_version(model_name_or_id=MODEL_NAME)
+    link_artifact_version_to_model_version(save_artifact(ModelFolder(adapter_dir), name="adapter"), version)
+    client.update_model_version(model_name_or_id=MODEL_NAME, version_name_or_id=version.id, stage="staging")
+
+
+def serving_stack() -> str:
+    """Id of a stack with the local deployer (`local-serve`, as `make serve` registers it)."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+
+    client = Client()
+    try:
+        return str(client.get_stack("local-serve").id)
+    except KeyError:
+        pass
+    try:
+        client.get_stack_component(StackComponentType.DEPLOYER, "local-deployer")
+    except KeyError:
+        client.create_stack_component(
+            name="local-deployer", flavor="local", component_type=StackComponentType.DEPLOYER, configuration={}
+        )
+    stack = client.create_stack(
+        name="local-serve",
+        components={
+            StackComponentType.ORCHESTRATOR: "default",
+            StackComponentType.ARTIFACT_STORE: "default",
+            StackComponentType.DEPLOYER: "local-deployer",
+        },
+    )
+    return str(stack.id)
+
+
+def wait_healthy(url: str, timeout_s: float = 600) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer /health within {timeout_s:.0f} s")
+
+
+def summarize(name: str, latencies: list[float], tokens: list[int], answers: list[str]) -> dict:
+    total = sum(latencies)
+    return {
+        "row": name,
+        "requests": len(latencies),
+        "p50_s": round(percentile(latencies, 50), 4),
+        "p95_s": round(percentile(latencies, 95), 4),
+        "mean_s": round(statistics.mean(latencies), 4),
+        "completion_tokens": sum(tokens),
+        "tokens_per_s": round(sum(tokens) / total, 2) if total else 0.0,
+        "answers": answers,
+    }
+
+
+def run_direct(served, prompts: list[str], max_new_tokens: int) -> dict:
+    from core.serving import answer
+
+    answer(served, prompts[0], "", max_new_tokens)  # warm-up
+    latencies, tokens, answers = [], [], []
+    for p in prompts:
+        t = time.perf_counter()
+        out = answer(served, p, "", max_new_tokens)
+        latencies.append(time.perf_counter() - t)
+        tokens.append(out["completion_tokens"])
+        answers.append(out["answer"])
+    return summarize("direct", latencies, tokens, answers)
+
+
+def run_deployment(url: str, prompts: list[str], max_new_tokens: int, in_memory: bool) -> dict:
+    import requests
+
+    def post(prompt: str) -> dict:
+        body = {"parameters": {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0.0}}
+        if in_memory:
+            body["skip_artifact_materialization"] = True
+        reply = requests.post(url + "/invoke", json=body, timeout=600)
+        reply.raise_for_status()
+        data = reply.json()
+        if not data["success"]:
+            raise RuntimeError(f"deployment error: {data['error']}")
+        return data["outputs"]
+
+    post(prompts[0])  # warm-up
+    latencies, tokens, answers = [], [], []
+    for p in prompts:
+        t = time.perf_counter()
+        out = post(p)
+        latencies.append(time.perf_counter() - t)
+        tokens.append(out["completion_tokens"])
+        answers.append(out["answer"])
+    return summarize("deployment-in-memory" if in_memory else "deployment", latencies, tokens, answers)
+
+
+def print_table(result: dict) -> None:
+    rows = result["rows"]
+    direct = next(r for r in rows if r["row"] == "direct")
+    head = f"{'row':<22} {'requests':>8} {'p50 s':>8} {'p95 s':>8} {'mean s':>8} {'tokens':>7} {'tokens/s':>9} {'p50 vs direct':>14}"
+    print(
+        f"\nserve latency: {result['preset']} ({result['model']}), max_new_tokens={result['max_new_tokens']}, "
+        f"{result['device']}, torch threads {result['torch_threads']}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        delta = "" if r is direct else f"{r['p50_s'] - direct['p50_s']:+.3f} s"
+        print(
+            f"{r['row']:<22} {r['requests']:>8} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {r['mean_s']:>8.3f} "
+            f"{r['completion_tokens']:>7} {r['tokens_per_s']:>9.1f} {delta:>14}"
+        )
+    for r in rows:
+        if r is not direct:
+            print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    ap.add_argument("--serve-config", help="benchmark the model version this serve config names (current store)")
+    ap.add_argument("--prompts", type=int, help="number of prompts (default: the preset's)")
+    ap.add_argument("--max-new-tokens", type=int, help="tokens per answer at most (default: the preset's)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads, here and in the server (default: torch's)")
+    ap.add_argument("--json", help="write the result here")
+    args = ap.parse_args(argv)
+    if args.threads:  # before torch is imported, here and in the server process (it inherits the environment)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    preset = dict(PRESETS[args.preset])
+    n_prompts = args.prompts or preset["prompts"]
+    max_new_tokens = args.max_new_tokens or preset["max_new_tokens"]
+
+    scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if not args.serve_config:  # a throwaway ZenML store, set before zenml is imported
+        os.environ["ZENML_CONFIG_PATH"] = str(scratch / "zenml")
+    os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("ZENML_LOGGING_VERBOSITY", "WARN")
+    os.chdir(REPO)  # the server process imports pipelines/ from its working directory
+
+    import torch
+    import yaml
+    from zenml.client import Client
+
+    from core.config import ModelSource, load_config
+    from core.serving import ServeConfig, build_served_model, load_served_model
+    from pipelines.serve_pipeline import serve_pipeline
+    from steps.train import quiet_libraries
+
+    quiet_libraries()
+    default = load_config(REPO / "configs" / "default.yaml")
+    if args.serve_config:
+        doc = yaml.safe_load(Path(args.serve_config).read_text())
+        cfg = ServeConfig.model_validate(doc["on_init_kwargs"]["config"])
+        model_desc = f"{cfg.model_name} at {cfg.version or cfg.stage} from the store"
+        served = load_served_model(cfg)
+        preset_name = "serve-config"
+    else:
+        if preset["model"] == "tiny":
+            from core.config import LoraSettings
+
+            base = ModelSource(source="local", name=str(build_tiny_base(scratch / "tiny")))
+            lora = LoraSettings(r=8, alpha=16, target_modules="all-linear")
+            model_desc = "tiny 2-layer Llama, LoRA r=8 all-linear"
+        else:
+            base = ModelSource(source="bundled")
+            lora = default.lora
+            model_desc = f"SmolLM2-135M-Instruct, LoRA r={lora.r} {lora.target_modules} (untrained)"
+        adapter = make_adapter(base, lora, scratch / "adapter")
+        register_version(adapter)
+        cfg = ServeConfig(
+            model_name=MODEL_NAME,
+            template=default.prompt.template,
+            system_prompt=default.prompt.system_prompt,
+            max_new_tokens_limit=max(512, max_new_tokens),
+        )
+        served = build_served_model(cfg, base, adapter_dirs={"default": adapter})
+        preset_name = args.preset
+    prompts = load_prompts(n_prompts)
+
+    client = Client()
+    os.environ["ZENML_ACTIVE_STACK_ID"] = serving_stack()  # this process and the server only; no config file edits
+    name = f"serve-bench-{uuid.uuid4().hex[:6]}"
+    rows = []
+    try:
+        rows.append(run_direct(served, prompts, max_new_tokens))
+        del served  # the server holds its own copy
+        pipe = serve_pipeline.with_options(
+            on_init_kwargs={"config": cfg.model_dump()}, settings={"deployer.local": {"port": None}}
+        )
+        url = pipe.deploy(deployment_name=name, timeout=600).url.rstrip("/")
+        wait_healthy(url)
+        rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
+        rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
+    finally:
+        try:
+            client.delete_deployment(name, force=True)
+        except KeyError:
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
+    for r in rows[1:]:
+        r["same_answers_as_direct"] = r["answers"] == rows[0]["answers"]
+    result = {
+        "preset": preset_name,
+        "model": model_desc,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The serving step: one chat turn against the model the deployment loaded once (core/serving.py).
+
+Runs inside pipelines/serve_pipeline.py for every `POST /invoke`. The model, tokenizer and adapters are the
+pipeline state built by the `on_init` hook (`get_step_context().pipeline_state`), so a request only switches
+adapter and generates. The deployment's service checks each request before it starts a run (see
+pipelines/serve_pipeline.py); the step checks again (core.serving.answer), so a bad request that
+reaches it by another way (e.g. /submit) fails that run with a ServeRequestError naming the field.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+from zenml import get_step_context, step
+from zenml.config.cache_policy import CachePolicy
+from zenml.logger import get_logger
+
+from core import serving
+from core.serving import ServedModel, ServeLoadError, answer
+
+logger = get_logger(__name__)
+
+
+def served_model_from_context() -> ServedModel:
+    state = get_step_context().pipeline_state
+    if not isinstance(state, ServedModel):
+        raise ServeLoadError(
+            "no served model in the pipeline state: serve_pipeline's on_init hook (load_server_state) did not run "
+            f"or returned {type(state).__name__}"
+        )
+    return state
+
+
+# Never cached: a cached answer would skip sampling and ignore which model the server loaded.
+@step(enable_cache=False, cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], serving]))
+def chat(
+    prompt: str, adapter: str = "", max_new_tokens: int = 128, temperature: float = 0.0
+) -> tuple[
+    Annotated[str, "answer"],
+    Annotated[str, "adapter_name"],  # not "adapter": that name is the training artifact
+    Annotated[int, "prompt_tokens"],
+    Annotated[int, "completion_tokens"],
+]:
+    served = served_model_from_context()
+    out = answer(served, prompt, adapter, max_new_tokens, temperature)
+    logger.info(
+        "adapter %s: %d prompt + %d completion tokens", out["adapter"], out["prompt_tokens"], out["completion_tokens"]
+    )
+    return out["answer"], out["adapter"], out["prompt_tokens"], out["completion_tokens"]

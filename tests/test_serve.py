@@ -1,0 +1,297 @@
+"""Serving: a model version with two adapters, deployed with ZenML's local deployer on loopback.
+
+The deployment loads both adapters once, answers, switches adapter per request (each answer equal to
+evaluation's greedy generation with that adapter alone), answers bad requests with a clear error, and
+keeps serving. It is deprovisioned at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+import requests
+import torch
+import yaml
+from conftest import REPO_ROOT
+from zenml import Model, pipeline, step
+
+import materializers  # noqa: F401  (folder artifacts)
+from core.artifacts import ModelFolder
+from core.config import ModelSource
+from core.serving import ServeConfig, ServeRequestError, served_name
+
+MODEL_NAME = "serve-test"
+QUESTION = "What is the code for item 3?"
+SYSTEM = "You answer toy questions."
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory, tiny_source, trained_adapter):
+    """(trained adapter dir, second adapter dir). The second is built, not trained (seconds, not minutes): random
+    non-zero LoRA weights on other modules at another rank, so its answers differ, as a second task's would."""
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_base
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    second = get_peft_model(load_base(tiny_source, quant=None), config)
+    out = tmp_path_factory.mktemp("second-adapter") / "adapter"
+    second.save_pretrained(out, save_embedding_layers=False)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_source.name
+    return trained_adapter[0].path, out
+
+
+@pytest.fixture(scope="module")
+def model_version(zenml_home, two_adapters):
+    """A ZenML model version at staging holding `adapter` and `adapter_prices`, as training would link them."""
+    from zenml import save_artifact
+    from zenml.client import Client
+    from zenml.model.utils import link_artifact_version_to_model_version
+
+    from core.artifacts import ModelFolder
+
+    client = Client()
+    client.create_model(name=MODEL_NAME)
+    version = client.create_model_version(model_name_or_id=MODEL_NAME)  # number 1
+    for name, path in zip(("adapter", "adapter_prices"), two_adapters):
+        link_artifact_version_to_model_version(save_artifact(ModelFolder(path), name=name), version)
+    client.update_model_version(model_name_or_id=MODEL_NAME, version_name_or_id=version.id, stage="staging")
+    return version
+
+
+def direct_answer(tiny_source, adapter_dir: Path | None, question: str, max_new_tokens: int, model=None) -> str:
+    """What evaluation would answer: training's prompt rendering, evaluate.generate_answers, one adapter alone."""
+    from datasets import Dataset
+    from peft import PeftModel
+
+    from core.models import load_base, load_tokenizer
+    from steps.evaluate import generate_answers
+    from steps.format_prompts import tokenize_example, with_system
+
+    tok = load_tokenizer(tiny_source)
+    messages = with_system([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}], SYSTEM)
+    ids, _, prompt_len = tokenize_example(messages, tok, chat=True)
+    ds = Dataset.from_dict({"input_ids": [ids[:prompt_len]], "prompt_len": [prompt_len]})
+    if model is None:
+        model = PeftModel.from_pretrained(load_base(tiny_source, quant=None), str(adapter_dir)).eval()
+    return generate_answers(model, tok, ds, max_new_tokens, batch_size=1)[0]
+
+
+def test_served_names_and_shipped_config():
+    assert served_name("adapter") == "default"
+    assert served_name("adapter_faq") == "faq"
+    assert served_name("adapter_") is None and served_name("merged_model") is None
+    doc = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
+    cfg = ServeConfig.model_validate(doc["on_init_kwargs"]["config"])
+    default = yaml.safe_load((REPO_ROOT / "configs" / "default.yaml").read_text())
+    # served prompts must be rendered like the default training run's prompts
+    assert cfg.model_name == default["model"]["name"]
+    assert cfg.system_prompt == default["parameters"]["config"]["prompt"]["system_prompt"]
+    with pytest.raises(ValueError, match="mode"):
+        ServeConfig.model_validate({"mode": "fast"})
+
+
+def test_load_from_model_version_in_process(model_version, tiny_source, two_adapters):
+    """on_init's loader: both adapters from the model version, base found from adapter_config.json."""
+    from core.serving import answer, load_served_model
+
+    served = load_served_model(
+        ServeConfig(model_name=MODEL_NAME, stage="staging", system_prompt=SYSTEM, context_length=96)
+    )
+    assert served.adapters == ["base", "default", "prices"]
+    assert served.info["base"]["name"] == tiny_source.name and served.info["model_version"] == "1"
+    got = {name: answer(served, QUESTION, name, 12)["answer"] for name in ("default", "prices", "default")}
+    assert got["default"] == direct_answer(tiny_source, two_adapters[0], QUESTION, 12)
+    assert got["prices"] == direct_answer(tiny_source, two_adapters[1], QUESTION, 12)
+    with pytest.raises(ServeRequestError, match=r"unknown adapter 'nope'; known adapters: base, default, prices"):
+        answer(served, QUESTION, "nope", 8)
+    with pytest.raises(ServeRequestError, match="exceeds the context length of 96"):
+        answer(served, "word " * 100, "default", 8)
+
+
+def test_task_adapters_only_default_and_per_adapter_system_prompt(tiny_source, two_adapters):
+    """Without an `adapter` artifact the first task is the default (never `base`); system_prompts apply per adapter."""
+    from core.serving import ServeLoadError, build_served_model, prompt_ids
+
+    dirs = {"support": two_adapters[0], "routing": two_adapters[1]}
+    cfg = ServeConfig(system_prompt=SYSTEM, system_prompts={"routing": "Name the department."})
+    served = build_served_model(cfg, tiny_source, adapter_dirs=dirs)
+    assert served.adapters == ["base", "routing", "support"] and served.default_adapter == "routing"
+    text = served.tokenizer.decode(prompt_ids(served, QUESTION, "routing"))
+    assert "Name the department." in text and SYSTEM not in text
+    assert SYSTEM in served.tokenizer.decode(prompt_ids(served, QUESTION, "support"))
+    with pytest.raises(ServeLoadError, match=r"system_prompts names adapters that are not loaded: \['faq'\]"):
+        build_served_model(ServeConfig(system_prompts={"faq": "x"}), tiny_source, adapter_dirs=dirs)
+
+
+@step
+def _fake_train(model: ModelSource, adapter_dir: str) -> Annotated[ModelFolder, "adapter_support"]:
+    """Stands in for a train step: an adapter output produced from a `model` parameter."""
+    return ModelFolder(adapter_dir)
+
+
+@pipeline(model=Model(name="serve-producer-test"), enable_cache=False)
+def _fake_training(model: ModelSource, adapter_dir: str) -> None:
+    _fake_train(model, adapter_dir)
+
+
+def test_base_comes_from_the_producing_step(zenml_home, tiny_source, two_adapters, tmp_path):
+    """A pipeline-made adapter: the base is its step's `model` parameter, not adapter_config.json's name."""
+    from zenml.client import Client
+
+    from core.serving import load_served_model
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(two_adapters[1], adapter)
+    cfg_file = adapter / "adapter_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace(tiny_source.name, "not-a-folder/nor-on-the-hub"))
+    _fake_training(tiny_source, str(adapter))
+    Client().update_model_version("serve-producer-test", "latest", stage="production")
+    served = load_served_model(ServeConfig(model_name="serve-producer-test", stage="production"))
+    assert served.adapters == ["base", "support"] and served.default_adapter == "support"
+    assert served.info["base"] == tiny_source.model_dump()
+
+
+def test_load_merged_model_in_process(model_version, tiny_source, two_adapters, tmp_path):
+    """load: merged serves the version's merged_model artifact under the one name `merged`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from zenml import save_artifact
+    from zenml.model.utils import link_artifact_version_to_model_version
+
+    from core.models import load_base, load_tokenizer
+    from core.serving import answer, load_served_model
+
+    merged = PeftModel.from_pretrained(load_base(tiny_source, quant=None), str(two_adapters[0])).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    load_tokenizer(tiny_source).save_pretrained(tmp_path / "merged")
+    link_artifact_version_to_model_version(
+        save_artifact(ModelFolder(tmp_path / "merged"), name="merged_model"), model_version
+    )
+    served = load_served_model(ServeConfig(model_name=MODEL_NAME, load="merged", system_prompt=SYSTEM))
+    assert served.adapters == ["merged"] and not served.is_peft
+    got = answer(served, QUESTION, "", 12)
+    assert got["adapter"] == "merged"
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert got["answer"] == direct_answer(tiny_source, None, QUESTION, 12, model=direct)
+    with pytest.raises(ServeRequestError, match="unknown adapter 'default'; known adapters: merged"):
+        answer(served, QUESTION, "default", 4)
+
+
+@pytest.fixture(scope="module")
+def deployment(model_version, monkeypatch_module, tmp_path_factory):
+    """serve_pipeline deployed with the local deployer on 127.0.0.1; deprovisioned and deleted afterwards."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+
+    from pipelines.serve_pipeline import serve_pipeline
+
+    monkeypatch_module.chdir(REPO_ROOT)  # the server process imports the pipeline from its working directory
+    client = Client()
+    suffix = uuid.uuid4().hex[:6]
+    client.create_stack_component(
+        name=f"local-deployer-{suffix}", flavor="local", component_type=StackComponentType.DEPLOYER, configuration={}
+    )
+    stack = client.create_stack(
+        name=f"serve-{suffix}",
+        components={
+            StackComponentType.ORCHESTRATOR: "default",
+            StackComponentType.ARTIFACT_STORE: "default",
+            StackComponentType.DEPLOYER: f"local-deployer-{suffix}",
+        },
+    )
+    # Active for this process (and the server it starts) only: activate_stack would write the repo's .zen config.
+    monkeypatch_module.setenv("ZENML_ACTIVE_STACK_ID", str(stack.id))
+    name = f"lora-chat-test-{suffix}"
+    try:
+        # The shipped config, pointed at the test's model version, on any free port.
+        doc = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
+        doc["on_init_kwargs"]["config"].update(model_name=MODEL_NAME, system_prompt=SYSTEM, context_length=96)
+        doc["settings"]["deployer.local"]["port"] = None
+        config_path = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
+        config_path.write_text(yaml.safe_dump(doc))
+        pipe = serve_pipeline.with_options(config_path=str(config_path))
+        try:
+            url = pipe.deploy(deployment_name=name, timeout=60).url.rstrip("/")
+            deadline = time.monotonic() + 120
+            while True:  # the server listens once on_init has loaded the model
+                try:
+                    if requests.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError("deployment did not answer /health within 120 s")
+                time.sleep(0.5)
+        except Exception as err:
+            try:
+                logs = "\n".join(client.get_deployment_logs(name, tail=60))
+            except Exception as log_err:  # no deployment, or no log file
+                logs = f"(no logs: {log_err})"
+            pytest.fail(f"{err}\nlast server log lines:\n{logs}")
+        assert url.startswith("http://127.0.0.1:")  # loopback only
+        yield url, name
+    finally:
+        try:
+            client.delete_deployment(name, force=True)  # stops the server process, then forgets the deployment
+        except KeyError:
+            pass  # deploy failed before registering it
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def invoke(url: str, **parameters) -> requests.Response:
+    return requests.post(url + "/invoke", json={"parameters": parameters}, timeout=120)
+
+
+def test_deployment_answers_switches_and_survives_bad_requests(deployment, tiny_source, two_adapters):
+    from zenml.client import Client
+
+    url, name = deployment
+    first = invoke(url, prompt=QUESTION, adapter="default", max_new_tokens=12).json()
+    assert first["success"], first
+    out = first["outputs"]
+    assert set(out) == {"answer", "adapter_name", "prompt_tokens", "completion_tokens"}
+    assert out["adapter_name"] == "default" and out["prompt_tokens"] > 0 and 1 <= out["completion_tokens"] <= 12
+    assert out["answer"] == direct_answer(tiny_source, two_adapters[0], QUESTION, 12)
+
+    second = invoke(url, prompt=QUESTION, adapter="prices", max_new_tokens=12).json()
+    assert second["success"], second
+    assert second["outputs"]["adapter_name"] == "prices"
+    assert second["outputs"]["answer"] == direct_answer(tiny_source, two_adapters[1], QUESTION, 12)
+    assert second["outputs"]["answer"] != out["answer"]
+
+    # no adapter named: the config's default ("default" when the version has the single-task artifact)
+    assert invoke(url, prompt=QUESTION, max_new_tokens=12).json()["outputs"]["answer"] == out["answer"]
+
+    bad = invoke(url, prompt=QUESTION, adapter="nope", max_new_tokens=4).json()
+    assert not bad["success"] and "unknown adapter 'nope'; known adapters: base, default, prices" in bad["error"]
+    assert bad["metadata"]["run_id"] is None  # refused before any pipeline run was made
+    empty = invoke(url, prompt="   ", max_new_tokens=4).json()
+    assert not empty["success"] and "prompt: must not be empty" in empty["error"]
+    long = invoke(url, prompt="word " * 100, max_new_tokens=4).json()
+    assert not long["success"] and "exceeds the context length of 96 tokens" in long["error"]
+    too_many = invoke(url, prompt=QUESTION, max_new_tokens=100000).json()
+    assert not too_many["success"] and "max_new_tokens: must be between 1 and 256" in too_many["error"]
+    wrong_type = invoke(url, prompt=QUESTION, max_new_tokens="many")
+    assert wrong_type.status_code == 422 and "max_new_tokens" in wrong_type.text
+    unknown_field = invoke(url, prompt=QUESTION, top_k=5)
+    assert unknown_field.status_code == 422 and "top_k" in unknown_field.text
+
+    again = invoke(url, prompt=QUESTION, adapter="default", max_new_tokens=12).json()
+    assert again["success"] and again["outputs"]["answer"] == out["answer"]
+
+    Client().deprovision_deployment(name)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=5)
