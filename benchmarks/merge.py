@@ -244,7 +244,9 @@ def _mb(n) -> str:
 
 def print_table(result: dict) -> None:
     env = result["environment"]
-    print(f"\nmerge benchmark, preset {result['preset']}: {result['base']}, LoRA r={result['r']} alpha={result['alpha']}")
+    print(
+        f"\nmerge benchmark, preset {result['preset']}: {result['base']}, LoRA r={result['r']} alpha={result['alpha']}"
+    )
     print(f"  -> {result['dtype']}, max_shard_size {result['max_shard_size']}; command: {result['command']}")
     print("  " + ", ".join(f"{k} {v}" for k, v in env.items()))
     head = ["row", "device", "seconds", "peak RSS MB", "RSS after imports MB", "largest shard MB", "peak/shard"]

@@ -14,10 +14,11 @@ Rows, each in a fresh subprocess (so peak memory is that row's own), on identica
   (--config, default configs/default.yaml).
 - `ours-no-<technique>`: ours with one technique switched off (for checkpointing-off: switched on again).
 Every row uses the preset's learning rate, schedule, LoRA r/alpha/targets, compute dtype (bf16 on CUDA, fp32 on CPU),
-number of optimizer steps and tokens per optimizer step, so a ratio measures technique, not recipe. With packing a
-micro-batch is a token budget, max(longest row, tutorial rows per micro-batch x mean row length), and the
-accumulation is chosen so that a step holds about as many real tokens as the tutorial's; each row's `train_tokens`
-shows what it trained on.
+number of optimizer steps and training rows (one epoch of the same seeded rows), so a ratio measures technique, not
+recipe. With packing a micro-batch is one packed sequence of a token budget: the smallest (from max(longest row,
+tutorial rows per micro-batch x mean row length), in 1% steps) at which packing fits every row into the tutorial's
+number of steps, so ours trains on exactly the tutorial's rows and about as many real tokens per step; each row's
+`train_tokens` shows what it trained on.
 
 Workloads: `chat` (lengths lognormal around the preset's median, clipped) and `long` (every row at the maximum
 length). The text is templated sentences over small word lists (learnable: the loss falls), tokenized with SmolLM2's
@@ -321,11 +322,27 @@ class RowSpec:
     extra: dict = field(default_factory=dict)
 
 
-def batch_geometry(preset: Preset, work: Workload, lengths: list[int]) -> dict[str, int]:
-    """Ours with packing: one packed sequence per micro-batch of `budget` tokens, `accum` of them per step."""
+def packed_count(lengths: list[int], budget: int) -> int:
+    """How many packed sequences trl's best-fit-decreasing packing (the train step's) makes of these rows."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    return len(pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), budget, strategy="bfd"))
+
+
+def batch_geometry(preset: Preset, lengths: list[int], steps: int) -> dict[str, int]:
+    """Ours with packing: one packed sequence per micro-batch of `budget` tokens, `accum` of them per step.
+
+    The tutorial trains on every row once (steps x its rows per step = the data). So that ours trains on the same
+    rows in the same number of optimizer steps, the budget starts at max(longest row, the tutorial's mean tokens
+    per micro-batch) and grows by 1% until packing makes at most steps x accum sequences: best-fit decreasing never
+    fills every sequence, and at the starting budget a few rows would be left for steps that never run.
+    """
     mean = sum(lengths) / len(lengths)
     budget = max(max(lengths), round(preset.micro * mean))
     accum = max(1, round(preset.micro * preset.accum * mean / budget))
+    while packed_count(lengths, budget) > steps * accum:
+        budget += max(1, budget // 100)
     return {"tokens_per_micro_batch": budget, "micro_batch_size": 1, "grad_accum": accum}
 
 
@@ -453,14 +470,13 @@ def run_ours(spec: RowSpec, preset: Preset, train_ds, heldout_ds, meter, lengths
     from core.config import ModelSource, QuantConfig
     from steps.train import quiet_libraries, train_adapter
 
-    work = next(w for w in preset.workloads if w.name == spec.workload)
     train_cfg, lora_cfg = pipeline_settings(Path(spec.config))
     if spec.row != "ours":
         off = techniques(train_cfg, lora_cfg, preset.cuda)[spec.row.removeprefix("ours-no-")]
         train_cfg = train_cfg.model_copy(update=off.get("train", {}))
         lora_cfg = lora_cfg.model_copy(update=off.get("lora", {}))
     geometry = (
-        batch_geometry(preset, work, lengths)
+        batch_geometry(preset, lengths, spec.steps)
         if train_cfg.packing
         else {"tokens_per_micro_batch": None, "micro_batch_size": preset.micro, "grad_accum": preset.accum}
     )

@@ -19,8 +19,11 @@ def _write(path, rows):
 
 
 def _instruction_rows(lo, hi):
-    data = qa_rows(hi)
-    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in data["messages"][lo:hi]]
+    # Items from 100 on: no other test module trains on these, so its cached shared steps
+    # (ingest, validate, format_prompts) cannot match this module's first run.
+    data = qa_rows(100 + hi)
+    rows = data["messages"][100 + lo : 100 + hi]
+    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in rows]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,10 @@ def _check_selection(run, points):
         assert (chosen.path / rel).read_bytes() == (best_adapter.path / rel).read_bytes()
     lora = outputs["lora_settings"][0].load()
     assert f"r{lora.r}_" in best + "_"
-    # merge and push ran on the chosen point, as in a single run; the card shows its settings
-    assert run.steps["merge"].inputs["adapter"][0].id == outputs["adapter"][0].id
+    # merge and push ran on the chosen point, as in a single run; the card shows its settings. A cached merge
+    # keeps the earlier run's input artifact, so compare content, not artifact ids.
+    merged_from = run.steps["merge"].inputs["adapter"][0]
+    assert merged_from.content_hash and merged_from.content_hash == outputs["adapter"][0].content_hash
     card = run.steps["push"].outputs["upload_bundle"][0].load().path.joinpath("README.md").read_text()
     assert f"| rank r | {lora.r} |" in card
     return best, losses
