@@ -23,6 +23,10 @@ def summarize(run) -> str:
             f"  train: {m.steps} steps, {m.train_tokens} tokens in {m.seconds:.0f} s ({m.tokens_per_s:.1f} tokens/s), "
             f"final loss {m.final_train_loss:.3f}, {m.trainable_params:,} trainable params"
         )
+        if m.resumed_from_step:  # train.checkpoint_dir held this run's checkpoints from an earlier attempt
+            lines.append(
+                f"  (resumed from checkpoint step {m.resumed_from_step}: tokens, time and loss count this attempt only)"
+            )
     if art := output("evaluate", "eval_report"):
         r = art.load()
         lines.append(f"  evaluate on {r.eval_rows} held-out rows:      base -> fine-tuned")
