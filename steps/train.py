@@ -31,12 +31,14 @@ effective batch (train_with_oom_retry).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
 import hashlib
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -461,6 +463,23 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+@contextlib.contextmanager
+def no_hub_lookups():
+    """While training: peft's checkpoint saves ask the Hub whether the base model's vocabulary changed
+    (save_embedding_layers="auto"; the bundled model records its Hub name). This step never resizes or trains
+    the embeddings, and offline each lookup is a failed connection and a warning per checkpoint. peft reads
+    HF_HUB_OFFLINE at call time; huggingface_hub read it at import, so nothing else changes."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
 def train_adapter(
     train_ds: Dataset,
     eval_ds: Dataset,
@@ -518,7 +537,8 @@ def train_adapter(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
+    with no_hub_lookups():
+        trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
     seconds = time.perf_counter() - started
     final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
     if final_eval is not None and (not progress.eval_curve or progress.eval_curve[-1][0] != trainer.state.global_step):

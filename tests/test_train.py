@@ -1,3 +1,6 @@
+import json
+import os
+
 import pytest
 import torch
 from conftest import TINY_LORA, TINY_TRAIN
@@ -66,3 +69,25 @@ def test_interrupted_run_resumes_from_newest_complete_checkpoint(tmp_path, tiny_
     assert metrics.resumed_from_step == 4
     assert metrics.steps == 6
     assert [s for s, _ in metrics.loss_curve][0] > 4  # only the remaining steps ran
+
+
+def test_checkpoint_saves_never_look_up_the_hub(tmp_path, tiny_source, tiny_splits, monkeypatch):
+    """A base recorded under a Hub name (as the bundled model is) must not make every checkpoint save ask the Hub."""
+    import peft.utils.other
+
+    from core import models
+
+    lookups = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # as on a user's machine
+    monkeypatch.setattr(peft.utils.other, "file_exists", lambda *a, **kw: lookups.append(a))
+    monkeypatch.setattr(models, "display_name", lambda src: "some-org/not-on-this-machine")
+    train, held_out = tiny_splits
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 2, "save_every": 1}, checkpoint_dir=str(tmp_path / "ckpt"))
+    train_adapter(train, held_out, tiny_source, QuantConfig(), LoraSettings(**TINY_LORA), cfg, tmp_path / "a")
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert latest_complete_checkpoint(run_dir).name == "checkpoint-2"
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "some-org/not-on-this-machine"
+    )
+    assert lookups == []
+    assert "HF_HUB_OFFLINE" not in os.environ  # restored after training
