@@ -90,6 +90,12 @@ def qa_rows(n: int, split: str = "") -> dict:
     }
 
 
+def instruction_rows(n: int, offset: int = 0) -> list[dict]:
+    """qa_rows items offset .. offset+n-1 as instruction-format JSONL records (what the pipeline ingests)."""
+    messages = qa_rows(n + offset)["messages"][offset:]
+    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in messages]
+
+
 @pytest.fixture(scope="session")
 def tiny_splits(tiny_source):
     """(train, eval) tokenized with the tiny model's tokenizer."""

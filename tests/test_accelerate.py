@@ -6,13 +6,13 @@ import json
 from unittest import mock
 
 import pytest
-from conftest import TINY_LORA, TINY_TRAIN, qa_rows
+from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 
 from core.config import LoraSettings, QuantConfig, TrainConfig, validate_config
 
 
 def _pipeline_config(root, tiny_model_dir, num_processes: int) -> dict:
-    rows = [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in qa_rows(8)["messages"]]
+    rows = instruction_rows(8)
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
         "model": {"source": "local", "name": str(tiny_model_dir)},

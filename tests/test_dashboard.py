@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from cdp import Browser, find_chromium
-from conftest import TINY_LORA, TINY_TRAIN, qa_rows
+from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 
 pytestmark = pytest.mark.slow
 
@@ -83,17 +83,12 @@ def server(tmp_path_factory):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _instruction_rows(n: int, offset: int = 0) -> list[dict]:
-    data = qa_rows(n + offset)
-    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in data["messages"][offset:]]
-
-
 @pytest.fixture(scope="module")
 def run_report(server, tmp_path_factory, tiny_model_dir):
     """The tiny pipeline, run against the server; its lineage as reported by the ZenML client."""
     _, env = server
     root = tmp_path_factory.mktemp("dashboard-run")
-    for name, rows in (("train.jsonl", _instruction_rows(40)), ("eval.jsonl", _instruction_rows(8, offset=40))):
+    for name, rows in (("train.jsonl", instruction_rows(40)), ("eval.jsonl", instruction_rows(8, offset=40))):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "model": {"source": "local", "name": str(tiny_model_dir)},

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import TINY_LORA, TINY_TRAIN, build_tiny_model, qa_rows
+from conftest import TINY_LORA, TINY_TRAIN, build_tiny_model, instruction_rows
 from hub_server import FakeHub
 from huggingface_hub import constants
 from zenml import Model
@@ -45,11 +45,6 @@ pytestmark = pytest.mark.slow
 
 def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _instruction_rows(n: int, offset: int = 0) -> list[dict]:
-    data = qa_rows(n + offset)
-    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in data["messages"][offset:]]
 
 
 def _run(raw: dict):
@@ -111,9 +106,9 @@ def runs(zenml_home, tmp_path_factory, tiny_model_dir, bundled_tokenizer_dir):
     shutil.copytree(tiny_model_dir, base)
     # File names of their own: row ids ("faults_train.jsonl:3") are part of the data, so no other module's runs
     # of the same rows can be cache hits here (nor these for them).
-    _write(root / "faults_train.jsonl", _instruction_rows(40))
-    _write(root / "faults_eval.jsonl", _instruction_rows(8, offset=40))
-    bad = _instruction_rows(40)
+    _write(root / "faults_train.jsonl", instruction_rows(40))
+    _write(root / "faults_eval.jsonl", instruction_rows(8, offset=40))
+    bad = instruction_rows(40)
     bad[4]["output"] = " \t "  # line 5
     _write(root / "faults_train_bad.jsonl", bad)
     with pytest.MonkeyPatch.context() as mp, FakeHub() as hub:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TINY_LORA, TINY_TRAIN, qa_rows
+from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 from zenml import Model
 from zenml.client import Client
 from zenml.enums import ExecutionStatus
@@ -18,16 +18,11 @@ def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _instruction_rows(n, offset=0):
-    data = qa_rows(n + offset)
-    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in data["messages"][offset:]]
-
-
 @pytest.fixture(scope="module")
 def setup(zenml_home, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("pipeline")
-    _write(root / "train.jsonl", _instruction_rows(40))
-    _write(root / "eval.jsonl", _instruction_rows(8, offset=40))
+    _write(root / "train.jsonl", instruction_rows(40))
+    _write(root / "eval.jsonl", instruction_rows(8, offset=40))
     raw = {
         "model": {"source": "local", "name": str(tiny_model_dir)},
         "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
@@ -86,7 +81,7 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     second = _run(raw)
     assert _statuses(second) == dict.fromkeys(STEPS, ExecutionStatus.CACHED)
 
-    rows = _instruction_rows(40)
+    rows = instruction_rows(40)
     # Every other answer changes: 8 steps see 32 of the 40 rows (packed in length order), so one changed row
     # could be among those never seen, and training would rightly give the same adapter.
     for i in range(0, 40, 2):

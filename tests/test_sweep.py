@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TINY_LORA, TINY_TRAIN, qa_rows
+from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 from zenml import Model
 from zenml.client import Client
 from zenml.enums import ExecutionStatus
@@ -18,19 +18,13 @@ def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _instruction_rows(lo, hi):
-    # Items from 100 on: no other test module trains on these, so its cached shared steps
-    # (ingest, validate, format_prompts) cannot match this module's first run.
-    data = qa_rows(100 + hi)
-    rows = data["messages"][100 + lo : 100 + hi]
-    return [{"instruction": m[0]["content"], "input": "", "output": m[1]["content"]} for m in rows]
-
-
 @pytest.fixture(scope="module")
 def setup(zenml_home, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sweep")
-    _write(root / "train.jsonl", _instruction_rows(0, 40))
-    _write(root / "eval.jsonl", _instruction_rows(40, 48))
+    # Items from 100 on: no other test module trains on these, so its cached shared steps
+    # (ingest, validate, format_prompts) cannot match this module's first run.
+    _write(root / "train.jsonl", instruction_rows(40, offset=100))
+    _write(root / "eval.jsonl", instruction_rows(8, offset=140))
     raw = {
         "model": {"source": "local", "name": str(tiny_model_dir)},
         "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
