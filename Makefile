@@ -41,7 +41,7 @@ setup: $(BIN)/.installed
 
 run: setup
 	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(CONFIG)
-	$(BIN)/python -m pipelines.summary
+	$(BIN)/python -m cli.summary
 
 # tests/test_dashboard.py drives a headless Chromium and skips without one. When it is missing and
 # we are root on a Debian-like system (CI containers), install it; otherwise leave the machine alone.
@@ -61,7 +61,7 @@ dashboard: setup
 	$(BIN)/zenml login --local
 
 schedule: setup
-	$(BIN)/python -m pipelines.schedule $(SCHEDULE)
+	$(BIN)/python -m cli.schedule $(SCHEDULE)
 
 # The local stack plus ZenML's local deployer (registered once), then deploy or update the deployment.
 serve: setup

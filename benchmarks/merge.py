@@ -23,18 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import common
 
 PRESETS = {
     # tiny Llama built from a config, several input and output shards: seconds on a CPU
@@ -45,10 +40,6 @@ PRESETS = {
     "gpu": dict(model="llama-1b", dtype="bfloat16", max_shard_size="2GB", input_shard_size="5GB", r=16, alpha=32),
 }
 ROWS = ("peft", "streamed")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _rss_bytes() -> int:
@@ -91,7 +82,7 @@ def run_row(row: str, base: Path, adapter: Path, out: Path, dtype_name: str, max
         "row": row,
         "device": dev,
         "seconds": seconds,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "rss_start_bytes": rss_start,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
         "output_shards": len(list(out.glob("*.safetensors"))),
@@ -101,11 +92,9 @@ def run_row(row: str, base: Path, adapter: Path, out: Path, dtype_name: str, max
 
 
 def spawn_row(row: str, base: Path, adapter: Path, out: Path, preset: dict, device: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--base", str(base), "--adapter"]
-    cmd += [str(adapter), "--out", str(out), "--dtype", preset["dtype"], "--max-shard-size", preset["max_shard_size"]]
-    cmd += ["--device", device]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    args = ["--row", row, "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
+    args += ["--dtype", preset["dtype"], "--max-shard-size", preset["max_shard_size"], "--device", device]
+    proc = common.run_fresh(__file__, args, common.bench_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"row {row} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -133,46 +122,31 @@ def _random_adapter(model, r: int, alpha: int, out: Path, seed: int = 0) -> Path
 def build_inputs(preset: dict, work: Path) -> tuple[Path, Path, str]:
     """(base folder, adapter folder, description of the base)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from core.tiny import build_tiny_model
 
     kind = preset["model"]
     if kind == "bundled":
         from core.models import bundled_model_dir
 
-        base = bundled_model_dir()
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        label = "SmolLM2-135M-Instruct (bundled, fp32)"
-    else:
+        base, dtype, label = bundled_model_dir(), torch.float32, "SmolLM2-135M-Instruct (bundled, fp32)"
+    else:  # random weights, no tokenizer: the tiny Llama with a 4096 vocabulary, or Llama-3.2-1B's shape on the GPU
         if kind == "tiny":
-            config = LlamaConfig(
-                vocab_size=4096,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-            )
-            dtype, device, label = torch.float32, "cpu", "tiny Llama (2 layers, hidden 64, fp32)"
+            shape, device = dict(vocab_size=4096), "cpu"
+            dtype, label = torch.float32, "tiny Llama (2 layers, hidden 64, fp32)"
         else:
-            config = LlamaConfig(
-                vocab_size=128256,
-                hidden_size=2048,
-                intermediate_size=8192,
-                num_hidden_layers=16,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                max_position_embeddings=131072,
-                rope_theta=500000.0,
-                tie_word_embeddings=True,
-            )
-            dtype, device, label = torch.bfloat16, "cuda", "Llama-3.2-1B shape (random bf16 weights)"
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        base = work / "base"
-        model.save_pretrained(base, max_shard_size=preset["input_shard_size"])
-        model = model.cpu()
+            shape, device = dict(common.LLAMA_SHAPES["llama-1b"], max_position_embeddings=131072), "cuda"
+            dtype, label = torch.bfloat16, "Llama-3.2-1B shape (random bf16 weights)"
+        base = build_tiny_model(
+            work / "base",
+            tokenizer=False,
+            dtype=dtype,
+            device=device,
+            max_shard_size=preset["input_shard_size"],
+            **shape,
+        )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     adapter = _random_adapter(model, preset["r"], preset["alpha"], work / "adapter")
     del model
     return base, adapter, label
@@ -211,35 +185,12 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 def environment(device: str) -> dict:
-    import peft
-    import safetensors
-    import torch
-    import transformers
-
-    if device == "cuda":
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"{name}, {os.cpu_count()} cores"
-    return {
-        "device": name,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "safetensors": safetensors.__version__,
-    }
+    versions = common.versions("torch", "transformers", "peft", "safetensors")
+    return {"device": common.device_name(cuda=device == "cuda"), **versions}
 
 
 def _mb(n) -> str:
-    return "-" if n is None else f"{n / 1e6:,.0f}"
+    return common.fmt(None if n is None else n / 1e6, ",.0f")
 
 
 def print_table(result: dict) -> None:
@@ -248,12 +199,11 @@ def print_table(result: dict) -> None:
         f"\nmerge benchmark, preset {result['preset']}: {result['base']}, LoRA r={result['r']} alpha={result['alpha']}"
     )
     print(f"  -> {result['dtype']}, max_shard_size {result['max_shard_size']}; command: {result['command']}")
-    print("  " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print("  " + common.describe(env))
     head = ["row", "device", "seconds", "peak RSS MB", "RSS after imports MB", "largest shard MB", "peak/shard"]
     head += ["CUDA peak MB", "max |diff|"]
-    rows = [head]
+    rows = []
     for r in result["rows"]:
-        diff = r.get("max_abs_diff")
         rows.append(
             [
                 r["row"],
@@ -264,14 +214,11 @@ def print_table(result: dict) -> None:
                 _mb(r["largest_input_shard_bytes"]),
                 f"{r['peak_over_largest_shard']:.2f}",
                 _mb(r["cuda_peak_bytes"]),
-                "-" if diff is None else f"{diff:.3g}",
+                common.fmt(r.get("max_abs_diff"), ".3g"),
             ]
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-    for i, row in enumerate(rows):
-        print("  " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  " + "-+-".join("-" * w for w in widths))
+    for line in common.format_table(head, rows):
+        print("  " + line)
     by = {r["row"]: r for r in result["rows"]}
     if {"peft", "streamed"} <= set(by):
         p, s = by["peft"], by["streamed"]
@@ -282,11 +229,9 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap = common.preset_parser(__doc__, PRESETS, "cpu", "also write the results here")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--workdir", type=Path, help="keep inputs and outputs here (default: a temp folder, removed)")
     # internal: one row in this process
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
@@ -305,18 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     preset = PRESETS[args.preset]
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = sorted(set(rows) - set(ROWS))
-    if unknown:
-        ap.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
+    rows = common.pick(ap, "--rows", args.rows, ROWS)
     cuda = torch.cuda.is_available()
     if (args.preset == "gpu" or args.device == "cuda") and not cuda:
-        print(
-            f"preset {args.preset!r} / device {args.device!r} needs a CUDA GPU and none is visible "
-            f"(torch {torch.__version__}); use --preset cpu or --preset smoke.",
-            file=sys.stderr,
-        )
-        return 2
+        return common.needs_cuda(f"preset {args.preset!r} / device {args.device!r}")
     device = args.device if args.device != "auto" else ("cuda" if cuda else "cpu")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
@@ -354,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        common.write_json(args.json, result)
     return 0
 
 

@@ -27,21 +27,16 @@ Prompts: the questions of data/acme_support/eval.jsonl, in file order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import common
 
 PRESETS = {
     "smoke": {"model": "tiny", "prompts": 6, "max_new_tokens": 16},
@@ -63,39 +58,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_prompts(n: int) -> list[str]:
-    rows = [json.loads(line) for line in (REPO / "data" / "acme_support" / "eval.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (common.REPO / "data" / "acme_support" / "eval.jsonl").read_text().splitlines()
+    ]
     return [r["instruction"] for r in rows if r.get("instruction")][:n]
 
 
-def build_tiny_base(out: Path) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer and chat template (what the tests use)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from core.models import bundled_model_dir
-
-    tok = AutoTokenizer.from_pretrained(bundled_model_dir())
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def make_adapter(base, lora, out: Path) -> Path:
-    """A peft LoRA adapter folder on `base` (untrained: LoRA B = 0), as steps/train.py would save it."""
+    """A peft LoRA adapter folder on `base` (untrained: LoRA B = 0), as the train step saves it."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -224,32 +194,28 @@ def run_deployment(url: str, prompts: list[str], max_new_tokens: int, in_memory:
 def print_table(result: dict) -> None:
     rows = result["rows"]
     direct = next(r for r in rows if r["row"] == "direct")
-    head = f"{'row':<22} {'requests':>8} {'p50 s':>8} {'p95 s':>8} {'mean s':>8} {'tokens':>7} {'tokens/s':>9} {'p50 vs direct':>14}"
+    head = ["row", "requests", "p50 s", "p95 s", "mean s", "tokens", "tokens/s", "p50 vs direct"]
+    cells = []
+    for r in rows:
+        delta = "" if r is direct else f"{r['p50_s'] - direct['p50_s']:+.3f} s"
+        seconds = [f"{r[k]:.3f}" for k in ("p50_s", "p95_s", "mean_s")]
+        cells.append([r["row"], r["requests"], *seconds, r["completion_tokens"], f"{r['tokens_per_s']:.1f}", delta])
     print(
         f"\nserve latency: {result['preset']} ({result['model']}), max_new_tokens={result['max_new_tokens']}, "
         f"{result['device']}, torch threads {result['torch_threads']}"
     )
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        delta = "" if r is direct else f"{r['p50_s'] - direct['p50_s']:+.3f} s"
-        print(
-            f"{r['row']:<22} {r['requests']:>8} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {r['mean_s']:>8.3f} "
-            f"{r['completion_tokens']:>7} {r['tokens_per_s']:>9.1f} {delta:>14}"
-        )
+    print("\n".join(common.format_table(head, cells, widths=[22, 8, 8, 8, 8, 7, 9, 14], align="<>>>>>>>", sep=" ")))
     for r in rows:
         if r is not direct:
             print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    ap = common.preset_parser(__doc__, PRESETS, "smoke", "write the result here")
     ap.add_argument("--serve-config", help="benchmark the model version this serve config names (current store)")
     ap.add_argument("--prompts", type=int, help="number of prompts (default: the preset's)")
     ap.add_argument("--max-new-tokens", type=int, help="tokens per answer at most (default: the preset's)")
     ap.add_argument("--threads", type=int, help="torch CPU threads, here and in the server (default: torch's)")
-    ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
     if args.threads:  # before torch is imported, here and in the server process (it inherits the environment)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -258,24 +224,21 @@ def main(argv: list[str] | None = None) -> dict:
     max_new_tokens = args.max_new_tokens or preset["max_new_tokens"]
 
     scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    if not args.serve_config:  # a throwaway ZenML store, set before zenml is imported
-        os.environ["ZENML_CONFIG_PATH"] = str(scratch / "zenml")
-    os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("ZENML_LOGGING_VERBOSITY", "WARN")
-    os.chdir(REPO)  # the server process imports pipelines/ from its working directory
+    # before zenml is imported; a throwaway ZenML store unless the model version comes from the current one
+    os.environ.update(common.bench_env(None if args.serve_config else scratch / "zenml"))
+    os.chdir(common.REPO)  # the server process imports pipelines/ from its working directory
 
     import torch
     import yaml
     from zenml.client import Client
 
     from core.config import ModelSource, load_config
+    from core.logs import quiet_libraries
     from core.serving import ServeConfig, build_served_model, load_served_model
     from pipelines.serve_pipeline import serve_pipeline
-    from steps.train import quiet_libraries
 
     quiet_libraries()
-    default = load_config(REPO / "configs" / "default.yaml")
+    default = load_config(common.REPO / "configs" / "default.yaml")
     if args.serve_config:
         doc = yaml.safe_load(Path(args.serve_config).read_text())
         cfg = ServeConfig.model_validate(doc["on_init_kwargs"]["config"])
@@ -285,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if preset["model"] == "tiny":
             from core.config import LoraSettings
+            from core.tiny import build_tiny_model
 
-            base = ModelSource(source="local", name=str(build_tiny_base(scratch / "tiny")))
+            base = ModelSource(source="local", name=str(build_tiny_model(scratch / "tiny")))
             lora = LoraSettings(r=8, alpha=16, target_modules="all-linear")
             model_desc = "tiny 2-layer Llama, LoRA r=8 all-linear"
         else:
@@ -332,16 +296,14 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model_desc,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "device": common.device_name(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **common.versions("torch"),
         "rows": rows,
     }
     print_table(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        common.write_json(args.json, result)
     return result
 
 

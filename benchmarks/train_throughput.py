@@ -9,7 +9,7 @@ Rows, each in a fresh subprocess (so peak memory is that row's own), on identica
 - `tutorial`: the seeds' recipe. trl SFTTrainer + peft LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o,gate,up,down,
   bitsandbytes nf4 with double quant, paged_adamw_8bit on CUDA (adamw_torch on CPU), padded batches of rows
   (4 x grad accum 4; the CPU presets 4 x 1), gradient checkpointing.
-- `ours`: steps.train.train_adapter, the pipeline's own train step, with the technique settings (packing,
+- `ours`: core.training.train_adapter, what the pipeline's train step runs, with the technique settings (packing,
   labels_only_logits, LoRA dropout, gradient checkpointing, liger, activation offloading) of the pipeline config
   (--config, default configs/default.yaml).
 - `ours-no-<technique>`: ours with one technique switched off (for checkpointing-off: switched on again).
@@ -36,21 +36,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import common
+
 START = time.perf_counter()  # the row's clock starts with its process
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 IGNORE_INDEX = -100
 TUTORIAL_DROPOUT = 0.05
@@ -132,32 +127,9 @@ PRESETS = {
     ),
 }
 
-# Llama shapes built from a config with random weights (no download). Vocabulary as the real models'.
-LLAMA_SHAPES = {
-    "llama-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    ),
-    "llama-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-    ),
-}
-
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, matched against torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")  # versions reported
 
 
 # --- synthetic data -------------------------------------------------------------------------------------------------
@@ -223,47 +195,29 @@ def synthetic_rows(tokenizer, work: Workload, n: int, seed: int) -> dict[str, li
 # --- models ---------------------------------------------------------------------------------------------------------
 
 
-def tokenizer_dir() -> Path:
-    from core.models import bundled_model_dir
-
-    return bundled_model_dir()
-
-
 def prepare_model(preset: Preset, work_dir: Path) -> Path:
     """The model folder every row loads: the tiny test model, the bundled SmolLM2, or a random-weight Llama shape."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from core.tiny import build_tiny_model
 
     if preset.model == "bundled":
-        return tokenizer_dir()
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+        from core.models import bundled_model_dir
+
+        return bundled_model_dir()
     if preset.model == "tiny":
-        out = work_dir / "tiny-llama"
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        shape.update(num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
+        out, shape, dtype = work_dir / "tiny-llama", {}, torch.float32
     else:
         from core.models import cache_root
 
-        out = cache_root() / "bench" / preset.model
-        shape = LLAMA_SHAPES[preset.model]
+        out, shape, dtype = cache_root() / "bench" / preset.model, common.LLAMA_SHAPES[preset.model], torch.bfloat16
     if (out / "config.json").exists():
         return out
-    config = LlamaConfig(
-        **shape,
-        max_position_embeddings=8192,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if preset.model == "tiny" else torch.bfloat16
-    with torch.device(device):  # random init on the GPU when there is one: minutes faster at 8B
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    # random init on the GPU when there is one: minutes faster at 8B
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    build_tiny_model(tmp, dtype=dtype, device=device, max_position_embeddings=8192, **shape)
     os.replace(tmp, out)  # atomic: an interrupted build is never taken for a finished one
     return out
 
@@ -280,7 +234,7 @@ def pipeline_settings(config_path: Path):
 
 
 def _liger_on(setting, cuda: bool) -> bool:
-    """steps.train.resolve_liger's answer, without importing the train step (and ZenML) into the driver."""
+    """core.training's resolve_liger answer (never an error), without importing the training stack into the driver."""
     import importlib.util
 
     return cuda and (setting is True or (setting == "auto" and importlib.util.find_spec("liger_kernel") is not None))
@@ -466,9 +420,10 @@ def run_tutorial(spec: RowSpec, preset: Preset, train_ds, heldout, meter):
 
 
 def run_ours(spec: RowSpec, preset: Preset, train_ds, heldout_ds, meter, lengths: list[int]):
-    """steps.train.train_adapter with the pipeline config's technique settings and the preset's recipe."""
+    """core.training.train_adapter with the pipeline config's technique settings and the preset's recipe."""
     from core.config import ModelSource, QuantConfig
-    from steps.train import quiet_libraries, train_adapter
+    from core.logs import quiet_libraries
+    from core.training import train_adapter
 
     train_cfg, lora_cfg = pipeline_settings(Path(spec.config))
     if spec.row != "ours":
@@ -536,36 +491,6 @@ def gpu_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor()
-    )
-    return f"cpu: {model or 'unknown'}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "-"
-    return out
-
-
 def worker(spec_path: Path) -> None:
     """One row, in this process: build the data, train, measure, write the result JSON."""
     import torch
@@ -603,8 +528,8 @@ def worker(spec_path: Path) -> None:
         "row": spec.row,
         "preset": spec.preset,
         "workload": spec.workload,
-        "device": device_name(),
-        "versions": versions(),
+        "device": common.device_name(threads=True),
+        "versions": common.versions(*PACKAGES),
         "steps": len(ends),
         "train_tokens": ends[-1][1],
         "real_tokens_per_s": tokens / span if span > 0 else None,
@@ -614,7 +539,7 @@ def worker(spec_path: Path) -> None:
         "last_loss": meter.last_loss,
         "train_loss_first": meter.train_losses[0] if meter.train_losses else None,
         "train_loss_last": meter.train_losses[-1] if meter.train_losses else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "settings": spec.extra,
     }
     result["peak_mem_bytes"] = result["peak_rss_bytes"]
@@ -637,48 +562,56 @@ def _fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
-def _fmt(x, spec=".2f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+TABLE = [  # (column, least width, alignment)
+    ("row", 28, "<"),
+    ("tokens/s", 10, ">"),
+    ("x tut", 7, ">"),
+    ("s/step", 9, ">"),
+    ("peak mem", 12, ">"),
+    ("x tut", 7, ">"),
+    ("1st step s", 11, ">"),
+    ("loss before", 12, ">"),
+    ("loss after", 11, ">"),
+    ("vs tut", 8, ">"),
+    ("tokens", 9, ">"),
+    ("MFU", 7, ">"),
+]
 
 
 def table(results: list[dict]) -> str:
     """One table per workload; ratios against that workload's tutorial row."""
+    head, widths, align = map(list, zip(*TABLE))
     lines = []
     for work in dict.fromkeys(r["workload"] for r in results):
         rows = [r for r in results if r["workload"] == work]
         base = next((r for r in rows if r["row"] == "tutorial" and "error" not in r), None)
-        lines.append(f"\nworkload: {work}")
-        head = (
-            f"{'row':<28}{'tokens/s':>10}{'x tut':>7}{'s/step':>9}{'peak mem':>12}{'x tut':>7}"
-            f"{'1st step s':>11}{'loss before':>12}{'loss after':>11}{'vs tut':>8}{'tokens':>9}{'MFU':>7}"
-        )
-        lines += [head, "-" * len(head)]
+        cells = []
         for r in rows:
             if "error" in r:
-                lines.append(f"{r['row']:<28}  failed: {r['error'][-200:]}")
+                cells.append(f"{r['row']:<28}  failed: {r['error'][-200:]}")
                 continue
             tps, mem = r["real_tokens_per_s"], r["peak_mem_bytes"]
             x_tps = tps / base["real_tokens_per_s"] if base and tps and base["real_tokens_per_s"] else None
             x_mem = mem / base["peak_mem_bytes"] if base else None
             dloss = (r["last_loss"] / base["last_loss"] - 1) * 100 if base and base["last_loss"] else None
-            lines.append(
-                f"{r['row']:<28}{_fmt(tps, ',.1f'):>10}{_fmt(x_tps):>7}{_fmt(r['s_per_step']):>9}"
-                f"{_fmt_bytes(mem):>12}{_fmt(x_mem):>7}{_fmt(r['time_to_first_step_s'], '.1f'):>11}"
-                f"{_fmt(r['first_loss'], '.4f'):>12}{_fmt(r['last_loss'], '.4f'):>11}"
-                f"{_fmt(dloss, '+.2f') + '%' if dloss is not None else '-':>8}{r['train_tokens']:>9}"
-                f"{_fmt(r['mfu'] * 100 if r['mfu'] else None, '.1f'):>7}"
+            fmt = common.fmt
+            cells.append(
+                [r["row"], fmt(tps, ",.1f"), fmt(x_tps), fmt(r["s_per_step"]), _fmt_bytes(mem), fmt(x_mem)]
+                + [fmt(r["time_to_first_step_s"], ".1f"), fmt(r["first_loss"], ".4f"), fmt(r["last_loss"], ".4f")]
+                + [fmt(dloss, "+.2f") + "%" if dloss is not None else "-", r["train_tokens"]]
+                + [fmt(r["mfu"] * 100 if r["mfu"] else None, ".1f")]
             )
+        lines.append(f"\nworkload: {work}")
+        lines += common.format_table(head, cells, widths=widths, align="".join(align), sep="")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--json", type=Path, help="write every row's measurements here (a JSON list)")
+    parser = common.preset_parser(__doc__, PRESETS, "smoke", "write every row's measurements here (a JSON list)")
     parser.add_argument("--rows", help="comma-separated rows to run (default: all), e.g. tutorial,ours")
     parser.add_argument("--steps", type=int, help="optimizer steps per row, overriding the preset (quick checks)")
     parser.add_argument("--workloads", help="comma-separated workloads (default: the preset's), e.g. chat")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.yaml", help="ours' settings")
+    parser.add_argument("--config", type=Path, default=common.REPO / "configs" / "default.yaml", help="ours' settings")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU on unlisted GPUs")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -690,30 +623,22 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = PRESETS[args.preset]
     if preset.cuda and not torch.cuda.is_available():
-        print(f"preset {preset.name} needs a CUDA GPU and none is visible; use --preset cpu or smoke", file=sys.stderr)
-        return 2
+        return common.needs_cuda(f"preset {preset.name}")
     if not preset.cuda and torch.cuda.is_available():
         print(f"note: preset {preset.name} is a CPU preset; CUDA is visible, so rows will run on the GPU")
     train_cfg, lora_cfg = pipeline_settings(args.config)
     all_rows = row_names(train_cfg, lora_cfg, torch.cuda.is_available())
-    wanted = args.rows.split(",") if args.rows else all_rows
-    unknown = sorted(set(wanted) - set(all_rows))
-    if unknown:
-        parser.error(f"unknown rows {unknown}; this device and config have {all_rows}")
-    workloads = [w for w in preset.workloads if not args.workloads or w.name in args.workloads.split(",")]
-    if not workloads:
-        parser.error(f"no such workload in preset {preset.name}: {args.workloads}")
+    wanted = common.pick(parser, "--rows", args.rows, all_rows)  # the rows this device and config have
+    names = common.pick(parser, "--workloads", args.workloads, [w.name for w in preset.workloads])
+    workloads = [w for w in preset.workloads if w.name in names]
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    env = dict(os.environ)
-    env["ZENML_CONFIG_PATH"] = str(work_dir / "zenml")  # rows import ZenML: a throwaway store, not the user's
-    env.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    # rows import ZenML: a throwaway store, not the user's
+    env = common.bench_env(work_dir / "zenml", HF_HUB_OFFLINE="1")
     model_dir = prepare_model(preset, work_dir)
     print(f"preset {preset.name}: {preset.note}")
-    print(f"device: {device_name()}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"device: {common.device_name(threads=True)}")
+    print("versions: " + common.describe(common.versions(*PACKAGES)))
     print(f"ours: technique settings from {args.config}; rows: {', '.join(wanted)}")
 
     results = []
@@ -739,19 +664,13 @@ def main(argv: list[str] | None = None) -> int:
             (row_dir / "spec.json").write_text(json.dumps(asdict(spec)))
             started = time.perf_counter()
             # cwd: the row's own folder, so ZenML (imported by the train step) never touches a checkout's .zen/
-            proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--worker", str(row_dir / "spec.json")],
-                cwd=row_dir,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            proc = common.run_fresh(__file__, ["--worker", str(row_dir / "spec.json")], env, cwd=row_dir)
             if proc.returncode == 0:
                 result = json.loads((row_dir / "result.json").read_text())
                 result["wall_s"] = time.perf_counter() - started
                 print(
-                    f"  {work.name:<6}{row:<28}{_fmt(result['real_tokens_per_s'], ',.1f'):>10} tokens/s  "
-                    f"loss {_fmt(result['first_loss'], '.3f')} -> {_fmt(result['last_loss'], '.3f')}  "
+                    f"  {work.name:<6}{row:<28}{common.fmt(result['real_tokens_per_s'], ',.1f'):>10} tokens/s  "
+                    f"loss {common.fmt(result['first_loss'], '.3f')} -> {common.fmt(result['last_loss'], '.3f')}  "
                     f"({result['wall_s']:.0f} s)",
                     flush=True,
                 )
@@ -761,9 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     print(table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-        print(f"\nwrote {args.json}")
+        common.write_json(args.json, results)
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import html
 import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 from pydantic import BaseModel
 
 
@@ -60,3 +62,15 @@ def html_table(headers: list[str], rows: list[list[object]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
+
+
+def dataset_content_hash(data) -> str:
+    """sha256 of the schema and rows, independent of chunking and file layout."""
+    table = data.with_format(None).data.table
+    if data._indices is not None:  # a select/shuffle/filter view: hash what it shows
+        table = data.flatten_indices().data.table
+    table = table.combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1 << 30)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()

@@ -352,6 +352,39 @@ def expand_grid(sweep: SweepConfig, lora: LoraSettings | None, train: TrainConfi
     return points
 
 
+class Candidate(_Strict):
+    """Which adapter of a run a train or evaluate step works on: the run's only one, a task's, or a sweep point's.
+
+    It names the step's output artifacts (adapter / adapter_<task> / sweep_adapter_<point>, likewise
+    train_metrics and eval_report), its step id (train / train_<task> / train_<point>), and keys the cache:
+    two tasks with the same data and settings still get one adapter each.
+    """
+
+    kind: Literal["single", "task", "point"] = "single"
+    name: str = ""  # the task name or sweep point id; "" for a single run
+
+    @model_validator(mode="after")
+    def _named(self) -> Candidate:
+        if (self.kind == "single") != (self.name == ""):
+            raise ValueError(f"candidate {self.kind!r} {'takes no' if self.kind == 'single' else 'needs a'} name")
+        return self
+
+    def substitutions(self) -> dict[str, str]:
+        """Fill the output-name templates `{prefix}adapter{suffix}`, ... (ZenML step `substitutions`)."""
+        return {"prefix": "sweep_" if self.kind == "point" else "", "suffix": f"_{self.name}" if self.name else ""}
+
+    def artifact(self, name: str) -> str:
+        """This candidate's name for an output, e.g. artifact("adapter") -> adapter_support."""
+        return "{prefix}{name}{suffix}".format(name=name, **self.substitutions())
+
+    def step_id(self, step: str) -> str:
+        return f"{step}_{self.name}" if self.name else step
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" if self.name else "training"
+
+
 class PipelineConfig(_Strict):
     model: ModelSource = Field(default_factory=ModelSource)
     # the training data; required unless `tasks` lists one data source per task instead

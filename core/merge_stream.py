@@ -22,7 +22,7 @@ sqrt(r) with rslora, with `rank_pattern` / `alpha_pattern` as peft matches
 them. Anything whose merge peft computes differently (DoRA, modules_to_save,
 trainable tokens, lora_bias, PiSSA/OLoRA-style inits that rewrite the base,
 quantized base checkpoints, ...) raises `NotStreamable` with the reasons, and
-the caller falls back to peft (see steps/merge.py).
+the caller falls back to peft (see core/merge.py).
 
 Output: `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards of
 at most `max_shard_size` plus `model.safetensors.index.json`, the same names

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from core.config import ModelSource, QuantConfig
 
@@ -95,8 +96,9 @@ def bundled_model_dir() -> Path:
     return out
 
 
-def resolve_model(src: ModelSource) -> str:
+def resolve_model(src: ModelSource | BaseModelRef) -> str:
     """A path or repo id that `from_pretrained` accepts; a clear error otherwise."""
+    src = as_source(src)
     if src.source == "bundled":
         return str(bundled_model_dir())
     if src.source == "local":
@@ -134,8 +136,31 @@ def model_identity(src: ModelSource) -> str:
     return f"hub:{src.name}@{src.revision or 'main'}"
 
 
-def display_name(src: ModelSource) -> str:
+class BaseModelRef(BaseModel):
+    """The base model, resolved once when a run is compiled: where it comes from, and an identity that changes
+    whenever its weights would (model_identity). Steps take this instead of a ModelSource, so the identity is
+    part of every cache key that depends on the base, and nothing can leave it out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelSource
+    identity: str
+
+
+def resolve_base(src: ModelSource | BaseModelRef) -> BaseModelRef:
+    """`src` with its identity (a BaseModelRef passes through unchanged)."""
+    if isinstance(src, BaseModelRef):
+        return src
+    return BaseModelRef(source=src, identity=model_identity(src))
+
+
+def as_source(src: ModelSource | BaseModelRef) -> ModelSource:
+    return src.source if isinstance(src, BaseModelRef) else src
+
+
+def display_name(src: ModelSource | BaseModelRef) -> str:
     """Human/Hub name of the base model, for model cards."""
+    src = as_source(src)
     return BUNDLED_NAME if src.source == "bundled" else str(src.name)
 
 
@@ -148,19 +173,21 @@ def compute_dtype(name: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(src: ModelSource):
+def load_tokenizer(src: ModelSource | BaseModelRef):
     from transformers import AutoTokenizer
 
+    src = as_source(src)
     tok = AutoTokenizer.from_pretrained(resolve_model(src), revision=src.revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base(src: ModelSource, quant: QuantConfig | None = None, dtype: torch.dtype | None = None):
+def load_base(src: ModelSource | BaseModelRef, quant: QuantConfig | None = None, dtype: torch.dtype | None = None):
     """The base model: 4-bit bitsandbytes when `quant.load_in_4bit`, else plain `dtype`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    src = as_source(src)
     path = resolve_model(src)
     kwargs = {"revision": src.revision}
     if quant is not None and quant.load_in_4bit:

@@ -1,4 +1,4 @@
-"""Typed reports passed between steps (train -> evaluate -> merge -> push).
+"""Typed reports passed between steps (train -> evaluate -> merge -> push -> promote).
 
 Each renders as HTML in the ZenML dashboard through ReportMaterializer.
 """
@@ -115,3 +115,34 @@ class EvalReport(HtmlReport):
             f"<p>Quality gate vs {html.escape(self.reference_name)}: <b>{gate}</b></p><ul>{msgs}</ul>"
             f"<h3>Side by side</h3>{table}"
         )
+
+
+class PushResult(HtmlReport):
+    mode: str  # dry_run or hub
+    repo_id: str | None
+    files: list[str]  # paths in the repo (or that would be), sorted
+    total_bytes: int  # sum of the file sizes, bytes
+    commit_url: str | None = None  # hub mode only
+    commit_oid: str | None = None  # hub mode only
+    revision: str | None = None  # hub mode: "main", or the pull request's "refs/pr/N" (push.publish: pr)
+    pr_url: str | None = None  # push.publish: pr only
+
+    def to_html(self) -> str:
+        summary = html_table(
+            ["field", "value"],
+            [[k, v] for k, v in self.model_dump(exclude={"files"}).items()],
+        )
+        return f"<h3>Push ({self.mode})</h3>{summary}<h4>{len(self.files)} files</h4>" + html_table(
+            ["file"], [[f] for f in self.files]
+        )
+
+
+class Promotion(HtmlReport):
+    """What the promote step did with the run's model version."""
+
+    requested: str | None  # the stage asked for (promote_to); None: promotion is off
+    stage: str | None = None  # the stage set, None when not promoted
+    reason: str  # why (or why not), one line
+
+    def to_html(self) -> str:
+        return f"<h3>Promotion</h3>{html_table(['requested', 'stage set', 'reason'], [[self.requested, self.stage, self.reason]])}"

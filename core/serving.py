@@ -1,7 +1,7 @@
 """Serving: load a model version's adapters once, answer chat requests, switch adapters per request.
 
 Used by pipelines/serve_pipeline.py (a ZenML deployment: its `on_init` hook calls `load_served_model`,
-each `POST /invoke` runs `steps/serve.py:chat`, which calls `answer`) and by benchmarks/serve_latency.py.
+each `POST /invoke` runs `steps/chat.py:chat`, which calls `answer`) and by benchmarks/serve_latency.py.
 
 What gets loaded, from the ZenML Model version named by `ServeConfig` (`model_name` at `stage`, or `version`):
 - load: adapters (default): the base model once, plus every adapter artifact linked to that version, each
@@ -13,7 +13,7 @@ What gets loaded, from the ZenML Model version named by `ServeConfig` (`model_na
 The base model is, in order: `ServeConfig.base` when set; else the `model` parameter (a ModelSource) of the
 step that produced the adapter; else the `base_model_name_or_path` recorded in the adapter's adapter_config.json.
 
-Prompts are rendered exactly as training rendered them (steps/format_prompts.py: the chat template, or Alpaca
+Prompts are rendered exactly as training rendered them (core/prompts.py: the chat template, or Alpaca
 for models without one, and the same system prompt option), so served answers follow the trained format.
 """
 
@@ -150,13 +150,16 @@ def linked_artifacts(model_version) -> dict[str, Any]:
 
 
 def producer_model_source(artifact_version) -> ModelSource | None:
-    """The `model` parameter (a ModelSource) of the step that produced the artifact, if any."""
+    """The base the artifact's producing step loaded: its `base` parameter (a core.models.BaseModelRef), or the
+    `model` parameter (a ModelSource) of steps from before the base was a typed reference; None if neither."""
     from zenml.client import Client
 
     step_id = getattr(artifact_version, "producer_step_run_id", None)
     if step_id is None:
         return None
-    raw = Client().get_run_step(step_id).config.parameters.get("model")
+    parameters = Client().get_run_step(step_id).config.parameters
+    base = parameters.get("base")
+    raw = base.get("source") if isinstance(base, dict) else parameters.get("model")
     return ModelSource.model_validate(raw) if isinstance(raw, dict) else None
 
 
@@ -206,7 +209,7 @@ def build_served_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.config import QuantConfig
-    from steps.format_prompts import use_chat_template
+    from core.prompts import use_chat_template
 
     started = time.perf_counter()
     dtype = models.compute_dtype(cfg.dtype)
@@ -345,7 +348,7 @@ def check_request(
 
 def prompt_ids(served: ServedModel, prompt: str, adapter: str) -> list[int]:
     """Token ids of the generation prompt, rendered as format_prompts rendered training prompts."""
-    from steps.format_prompts import render_prompt, with_system
+    from core.prompts import render_prompt, with_system
 
     system = served.config.system_prompts.get(adapter, served.config.system_prompt)
     messages = with_system([{"role": "user", "content": prompt}], system)

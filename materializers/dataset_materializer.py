@@ -8,33 +8,21 @@ identical data gives the same hash and downstream steps hit the cache.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import shutil
 import tempfile
 from typing import Any, ClassVar
 
-import pyarrow as pa
 from datasets import Dataset
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 from zenml.utils import io_utils
 
+from core.artifacts import dataset_content_hash
+
 PREVIEW_ROWS = 20
-
-
-def dataset_content_hash(data: Dataset) -> str:
-    """sha256 of the schema and rows, independent of chunking and file layout."""
-    table = data.with_format(None).data.table
-    if data._indices is not None:  # a select/shuffle/filter view: hash what it shows
-        table = data.flatten_indices().data.table
-    table = table.combine_chunks()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1 << 30)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
 class HFDatasetMaterializer(BaseMaterializer):

@@ -16,58 +16,17 @@ response's `outputs`: answer, adapter_name, prompt_tokens, completion_tokens.
 
 Bad requests: a wrong type or an unknown field is refused by ZenML's request model (HTTP 422).
 Everything else (empty prompt, unknown adapter, out-of-range values, a prompt over the context
-length) is checked by ChatDeploymentService against the loaded model before any pipeline run is
+length) is checked by core.deployment.ChatDeploymentService against the loaded model before any pipeline run is
 created, and answered with `success: false` and the reason in `error`. The server keeps serving.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from zenml import pipeline
 from zenml.config import DeploymentSettings
-from zenml.deployers.server.service import PipelineDeploymentService
-from zenml.logger import get_logger
-from zenml.steps.step_context import get_or_create_run_context
 
-from core.serving import ServeConfig, ServedModel, ServeRequestError, load_served_model, validate_request
-from steps.serve import chat
-
-logger = get_logger(__name__)
-
-
-# Returns a ServedModel. Annotated Any: ZenML builds a pydantic schema of the hook's signature, and the
-# model inside (torch modules, a lock) has none.
-def load_server_state(config: ServeConfig | None = None) -> Any:
-    """on_init hook: load the configured model version once; every request of this server shares it."""
-    from steps.train import quiet_libraries
-
-    quiet_libraries()
-    # ZenML validates the hook kwargs at deploy time, stores them as JSON, and passes them back as a dict.
-    cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config or {})
-    served = load_served_model(cfg)
-    logger.info("serving %s", served.info)
-    return served
-
-
-class ChatDeploymentService(PipelineDeploymentService):
-    """ZenML's deployment service, plus request checks against the loaded model before a run is made.
-
-    A bad request gets its own message in `error` (ZenML would otherwise report only "failure in step(s): chat")
-    and costs no pipeline run. An error while generating still fails that run; its id is in the response.
-    """
-
-    def execute_pipeline(self, request):
-        params = request.parameters.model_dump()
-        served = get_or_create_run_context().state
-        if isinstance(served, ServedModel):
-            try:
-                validate_request(served, **params)
-            except ServeRequestError as err:
-                logger.info("bad request: %s", err)
-                return self._build_response(resolved_params=params, start_time=time.time(), error=err)
-        return super().execute_pipeline(request)
+from core.deployment import ChatDeploymentService, load_server_state
+from steps.chat import chat
 
 
 @pipeline(

@@ -1,1 +1,1 @@
-"""One ZenML step per file, each a thin @step over plain functions."""
+"""ZenML steps: one thin, typed @step per file, named by its verb, over the library in core/."""

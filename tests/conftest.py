@@ -18,9 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from core.config import ModelSource  # noqa: E402
+from core.tiny import build_tiny_model  # noqa: E402, F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -38,31 +38,6 @@ def bundled_tokenizer_dir() -> Path:
     from core.models import bundled_model_dir
 
     return bundled_model_dir()
-
-
-def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer and chat template: trains in seconds on CPU."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +77,9 @@ def tiny_splits(tiny_source):
     from datasets import Dataset
 
     from core.config import PromptConfig
+    from core.data.formatting import format_dataset
+    from core.data.ingest import FEATURES
     from core.models import load_tokenizer
-    from steps.format_prompts import format_dataset
-    from steps.ingest import FEATURES
 
     tok = load_tokenizer(tiny_source)
     train, held_out, _ = format_dataset(
@@ -126,7 +101,7 @@ def trained_adapter(tmp_path_factory, tiny_source, tiny_splits):
     from transformers import TrainerCallback
 
     from core.config import LoraSettings, QuantConfig, TrainConfig
-    from steps.train import train_adapter
+    from core.training import train_adapter
 
     snapshots = {}
 

@@ -1,7 +1,7 @@
 """Malformed input (tests/data/bad/): every file gives a clear error naming file, row and field, or is dropped and counted.
 
-Each file goes through the functions the pipeline's first steps run: steps.ingest.load_rows, then
-steps.validate.validate_dataset (and steps.format_prompts.format_dataset for the token-length case).
+Each file goes through the functions the pipeline's first steps run: core.data.ingest.load_rows, then
+core.data.validation.validate_dataset (and core.data.formatting.format_dataset for the token-length case).
 What ingest cannot map stops there (IngestError, "file:line: ..."); what it can map but is bad is reported by
 validate (DataValidationError: the expectation, the column and the offending row ids) under policy fail, and
 dropped and counted under policy drop. Nothing ends in a raw KeyError/TypeError/UnicodeDecodeError.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from core.config import DataSource, PromptConfig, ValidationConfig
-from steps.format_prompts import OverlongError, format_dataset
-from steps.ingest import IngestError, load_rows
-from steps.validate import DataValidationError, validate_dataset
+from core.data.formatting import OverlongError, format_dataset
+from core.data.ingest import IngestError, load_rows
+from core.data.validation import DataValidationError, validate_dataset
 
 BAD = Path(__file__).parent / "data" / "bad"
 

@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "outputs" / "dashboard"
-STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push"]
+STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
 ARTIFACTS = ["raw_dataset", "clean_dataset", "validation_report", "train_dataset", "eval_dataset", "adapter"]
-ARTIFACTS += ["train_metrics", "eval_report", "merged_model", "upload_bundle", "push_result"]
+ARTIFACTS += ["train_metrics", "eval_report", "merged_model", "upload_bundle", "push_result", "promotion"]
 CHROMIUM = find_chromium()
 
 
@@ -136,7 +136,9 @@ def test_run_links_every_artifact_from_ingest_to_push(server, run_report):
     def ancestors(step):
         return set().union(*({p} | ancestors(p) for p in parents[step])) if parents[step] else set()
 
-    assert ancestors("push") == set(STEPS) - {"push"}  # push descends from every step, ingest included
+    assert ancestors("push") == set(STEPS) - {"push", "promote"}  # push descends from every step, ingest included
+    # promote reads the eval report (ordering after push is not an artifact link)
+    assert ancestors("promote") == set(STEPS[: STEPS.index("evaluate") + 1])
 
     mv = run_report["model_version"]
     assert mv["model"] == "tiny-dashboard" and mv["stage"] == "staging"

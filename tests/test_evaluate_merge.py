@@ -5,10 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.config import EvalConfig, GateConfig, MergeConfig
+from core.evaluation import evaluate_adapter, text_scores
+from core.gate import QualityGateError, apply_gate, enforce_gate
+from core.merge import MergeMismatchError, merge_adapter
 from core.models import load_base
 from core.reports import ModelScores
-from steps.evaluate import apply_gate, evaluate_adapter, text_scores
-from steps.merge import MergeMismatchError, QualityGateError, enforce_gate, merge_adapter
 
 
 @pytest.fixture(scope="module")

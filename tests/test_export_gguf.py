@@ -16,17 +16,12 @@ from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from zenml import Model, pipeline, step
 
-import steps.export_gguf as export_module
+import core.gguf as export_module
 from core.artifacts import ModelFolder
 from core.config import ExportConfig, ModelSource
-from steps.export_gguf import (
-    GGUFExportError,
-    GGUFMismatchError,
-    check_tokenizer,
-    export_gguf,
-    export_model,
-    write_gguf,
-)
+from core.gguf import GGUFExportError, GGUFMismatchError, check_tokenizer, export_model, write_gguf
+from core.models import resolve_base
+from steps.export_gguf import export_gguf
 
 STRING_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
 F32, F16 = 0, 1  # ggml type ids
@@ -262,8 +257,8 @@ def test_a_wrong_vocabulary_fails_the_tokenizer_check(tmp_path, merged_dir, monk
 @pytest.mark.slow
 def test_bundled_smollm2_matches_the_shipped_gguf_layout_and_round_trips(tmp_path, bundled_tokenizer_dir):
     """Exporting the bundled base unmerged gives the shipped file's keys, tensor names and shapes, and loads back."""
+    from core.gguf import TOKENIZER_PROBES, verify_gguf
     from core.models import bundled_gguf
-    from steps.export_gguf import TOKENIZER_PROBES, verify_gguf
 
     out = tmp_path / "smol-F16.gguf"
     write_gguf(bundled_tokenizer_dir, out, "smollm2", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -303,7 +298,7 @@ def _export_inputs(merged_dir: str, rows: list[list[int]]) -> tuple[
 @pipeline(model=Model(name="gguf-step-test"), enable_cache=False)
 def _export_only(merged_dir: str, rows: list[list[int]]) -> None:
     merged, eval_rows = _export_inputs(merged_dir, rows)
-    export_gguf(merged, eval_rows, model=ModelSource(), export=ExportConfig(enabled=True, check_rows=2),
+    export_gguf(merged, eval_rows, base=resolve_base(ModelSource()), export=ExportConfig(enabled=True, check_rows=2),
                 system_prompt="Be brief.")  # fmt: skip
 
 

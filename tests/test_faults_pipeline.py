@@ -36,7 +36,7 @@ from zenml.utils.pagination_utils import depaginate
 from core import models
 from core.config import validate_config
 
-STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push"]
+STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
 # Not the sentinel test_push.py uses: a hit here can only come from this module's runs.
 SENTINEL = "hf_PIPELINEsentinelNEVERstore0123456789xyz"
 MODEL_NAME = "faults-qlora"
@@ -200,15 +200,16 @@ def test_first_run_completes_and_identical_rerun_is_fully_cached(runs):
 def test_evaluate_setting_change_reruns_exactly_evaluate_onwards(runs):
     statuses = _statuses(runs.eval_changed)
     assert [statuses[s] for s in STEPS[:4]] == [ExecutionStatus.CACHED] * 4
-    assert [statuses[s] for s in STEPS[4:]] == [ExecutionStatus.COMPLETED] * 3
+    assert [statuses[s] for s in STEPS[4:]] == [ExecutionStatus.COMPLETED] * 4
 
 
 def test_base_model_weights_change_reruns_format_prompts_onwards(runs):
     statuses = _statuses(runs.base_changed)
     assert [statuses[s] for s in STEPS[:2]] == [ExecutionStatus.CACHED] * 2
-    assert [statuses[s] for s in STEPS[2:]] == [ExecutionStatus.COMPLETED] * 5
+    assert [statuses[s] for s in STEPS[2:]] == [ExecutionStatus.COMPLETED] * 6
     before, after = (Client().get_pipeline_run(r).steps for r in (runs.eval_changed, runs.base_changed))
-    assert before["format_prompts"].config.parameters["base_id"] != after["format_prompts"].config.parameters["base_id"]
+    identity = [s["format_prompts"].config.parameters["base"]["identity"] for s in (before, after)]
+    assert identity[0] != identity[1]
     # the tokenizer did not change, so neither did the tokenized data: the base model's identity alone reran it
     assert (
         before["format_prompts"].outputs["train_dataset"][0].content_hash
@@ -219,12 +220,12 @@ def test_base_model_weights_change_reruns_format_prompts_onwards(runs):
 def test_prompt_template_source_feeds_the_format_prompts_cache_key(runs, tmp_path, monkeypatch):
     """A template helper edit (here ALPACA_PROMPT) must miss the cache even though no parameter or input changed.
 
-    ZenML hashes the step function's own code, not the helpers it calls; format_prompts lists its module (and
-    core.models) as CachePolicy.source_dependencies. This recomputes ZenML's key for the real compiled step with the
-    module's source replaced by an edited copy.
+    ZenML hashes the step function's own code, not the helpers it calls; format_prompts' CachePolicy lists every
+    core module it reaches (core.caching.step_cache_policy). This recomputes ZenML's key for the real compiled step
+    with core/prompts.py's source replaced by an edited copy.
     """
-    import steps.evaluate
-    import steps.format_prompts as fp
+    import core.data.formatting as fmt
+    import core.prompts as fp
 
     run = Client().get_pipeline_run(runs.first)
     step, step_run = run.snapshot.step_configurations["format_prompts"], run.steps["format_prompts"]
@@ -236,13 +237,12 @@ def test_prompt_template_source_feeds_the_format_prompts_cache_key(runs, tmp_pat
     assert key() == step_run.cache_key  # the same computation ZenML made for the run
 
     deps = {source.import_path for source in step.config.cache_policy.source_dependencies}
-    for helper in (fp.render, fp.tokenize_example, fp.with_system, fp.use_chat_template, fp.format_dataset):
+    for helper in (fp.render, fmt.tokenize_example, fp.with_system, fp.use_chat_template, fmt.format_dataset):
         assert helper.__module__ in deps, helper
     assert models.load_tokenizer.__module__ in deps
-    # evaluate reads format_prompts' token layout (IGNORE labels, prompt_len): a change there reruns it too
+    # evaluate reads the token layout (IGNORE labels) and renders prompts: a change there reruns it too
     evaluate_deps = run.snapshot.step_configurations["evaluate"].config.cache_policy.source_dependencies
     assert fp.__name__ in {s.import_path for s in evaluate_deps}
-    assert steps.evaluate.IGNORE is fp.IGNORE
 
     source = inspect.getsource(fp)
     assert "### Response:" in source

@@ -18,17 +18,18 @@ from conftest import TINY_LORA, TINY_TRAIN
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import steps.train
+import core.training.resources
+import core.training.trainer
 from core.config import LoraSettings, QuantConfig, TrainConfig
-from steps.train import (
+from core.training import train_adapter
+from core.training.checkpoints import latest_complete_checkpoint
+from core.training.resources import (
     InsufficientDiskError,
     TrainOutOfMemoryError,
     check_disk_space,
     count_parameters,
     disk_needed,
-    latest_complete_checkpoint,
     smaller_micro_batch,
-    train_adapter,
 )
 
 WORKER = Path(__file__).parent / "train_worker.py"
@@ -141,9 +142,9 @@ def test_too_little_disk_fails_before_training(tmp_path, tiny_source, tiny_split
         seen.append(Path(path))
         return shutil._ntuple_diskusage(total=10**12, used=10**12 - need["total"] + 1, free=need["total"] - 1)
 
-    monkeypatch.setattr(steps.train.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(core.training.resources.shutil, "disk_usage", disk_usage)
     built = []
-    monkeypatch.setattr(steps.train, "build_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(core.training.trainer, "build_model", lambda *a, **k: built.append(1))
     train, held_out = tiny_splits
     cfg = TrainConfig(**TINY_TRAIN, save_total_limit=2, checkpoint_dir=str(tmp_path / "ckpt"))
     with pytest.raises(InsufficientDiskError) as err:
@@ -161,7 +162,7 @@ def test_exactly_enough_disk_passes(tmp_path, monkeypatch):
     need = disk_needed(1000, 10, save_total_limit=1)
     assert need["total"] == 2 * 120 + 2000
     monkeypatch.setattr(
-        steps.train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(need["total"], 0, need["total"])
+        core.training.resources.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(need["total"], 0, need["total"])
     )
     assert check_disk_space(tmp_path, 1000, 10, 1) == need
 

@@ -2,9 +2,10 @@ import pytest
 from datasets import Dataset
 
 from core.config import PromptConfig
+from core.data.formatting import OverlongError, format_dataset
+from core.data.ingest import FEATURES
 from core.models import load_tokenizer
-from steps.format_prompts import IGNORE, OverlongError, format_dataset, render_prompt
-from steps.ingest import FEATURES
+from core.prompts import IGNORE, render_prompt
 
 
 @pytest.fixture(scope="module")

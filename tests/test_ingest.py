@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from core.config import DataSource
-from steps.ingest import IngestError, load_rows, source_fingerprint
+from core.data.ingest import IngestError, load_rows, source_fingerprint
 
 
 def _write_jsonl(path, rows):

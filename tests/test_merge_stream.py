@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from core import merge_stream
 from core.config import MergeConfig, ModelSource
+from core.merge import merge_adapter
 from core.merge_stream import NotStreamable, plan_merge, stream_merge
-from steps.merge import merge_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 

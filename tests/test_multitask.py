@@ -91,7 +91,7 @@ def _offline_answers(tiny_model_dir, adapter_dir, eval_ds, n, max_new_tokens):
 
     from core import models
     from core.config import ModelSource
-    from steps.evaluate import generate_answers
+    from core.evaluation import generate_answers
 
     source = ModelSource(source="local", name=str(tiny_model_dir))
     model = PeftModel.from_pretrained(models.load_base(source, quant=None), str(adapter_dir)).eval()
@@ -102,7 +102,7 @@ def test_one_adapter_per_task_each_matching_offline_generation(setup, tiny_model
     _, raw = setup
     run = _run(raw)
     statuses = _statuses(run)
-    expected = {f"{s}_{t}" for t in TASKS for s in CHAIN} | {"summarize_tasks"}
+    expected = {f"{s}_{t}" for t in TASKS for s in CHAIN} | {"summarize_tasks", "promote"}
     assert set(statuses) == expected  # no train/merge/push of a single run
     assert set(statuses.values()) == {ExecutionStatus.COMPLETED}
 

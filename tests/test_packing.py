@@ -14,17 +14,9 @@ import torch
 from conftest import TINY_LORA
 
 from core.config import LoraSettings, QuantConfig, TrainConfig
-from steps.train import (
-    IGNORE_INDEX,
-    build_model,
-    labels_only_loss,
-    labels_only_trainer_class,
-    longest_row,
-    make_sft_trainer,
-    packed_sequence_length,
-    resolve_liger,
-    sft_args,
-)
+from core.training.loss import IGNORE_INDEX, labels_only_loss, labels_only_trainer_class
+from core.training.resources import longest_row, packed_sequence_length, resolve_liger
+from core.training.trainer import build_model, make_sft_trainer, sft_args
 
 LOSS_RTOL = 1e-5  # fp32 on CPU: packed and unpacked differ only in summation order
 LOGIT_ATOL = 1e-4  # max |logit| difference allowed between two runs of the same row
@@ -241,14 +233,14 @@ def test_labels_only_loss_equals_the_full_loss(qlora_model, tok, tmp_path, tiny_
 
 
 def test_trainer_uses_the_labels_only_loss_on_cpu(qlora_model, tok, tmp_path, tiny_splits, monkeypatch):
-    import steps.train
+    import core.training.loss
 
     train, held_out = tiny_splits
     trainer, _ = _trainer(qlora_model, tok, tmp_path, train, held_out, packing=True)
     assert isinstance(trainer, labels_only_trainer_class())
     calls = []
-    real = steps.train.labels_only_loss
-    monkeypatch.setattr(steps.train, "labels_only_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core.training.loss.labels_only_loss
+    monkeypatch.setattr(core.training.loss, "labels_only_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = next(iter(trainer.get_train_dataloader()))
     qlora_model.train()
     loss = trainer.compute_loss(qlora_model, dict(batch))

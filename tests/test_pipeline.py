@@ -10,7 +10,7 @@ from zenml.enums import ExecutionStatus
 
 from core.config import validate_config
 
-STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push"]
+STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
 pytestmark = pytest.mark.slow
 
 
@@ -101,7 +101,7 @@ def test_training_setting_change_reruns_only_train_onwards(setup):
     run = _run(changed)
     statuses = _statuses(run)
     assert [statuses[s] for s in STEPS[:3]] == [ExecutionStatus.CACHED] * 3
-    assert [statuses[s] for s in STEPS[3:]] == [ExecutionStatus.COMPLETED] * 4
+    assert [statuses[s] for s in STEPS[3:]] == [ExecutionStatus.COMPLETED] * 5
 
 
 def test_quality_gate_stops_before_merge_and_push(setup):

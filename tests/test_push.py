@@ -18,8 +18,13 @@ from zenml import Model, pipeline, step
 
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
-from core.reports import EvalReport, ModelScores, TrainMetrics
-from steps.push import PushError, PushResult, build_model_card, push, push_model, resolve_token
+from core.hub import push_model
+from core.hub.card import build_model_card
+from core.hub.publish import PushError, resolve_token
+from core.models import resolve_base
+from core.reports import EvalReport, ModelScores, PushResult, TrainMetrics
+from steps.promote import promote
+from steps.push import push
 
 SENTINEL = "hf_SENTINELdoNotLeak0123456789abcdefXYZ"
 RUN_ID = "0b3c2a1e-0000-4000-8000-00000000beef"
@@ -294,13 +299,15 @@ def _push_inputs(merged_dir: str, adapter_dir: str) -> tuple[
 @pipeline(model=Model(name="push-step-test"), enable_cache=False)
 def _push_only(merged_dir: str, adapter_dir: str) -> None:
     merged, adapter, report, metrics = _push_inputs(merged_dir, adapter_dir)
-    push(merged, adapter, report, metrics, model=ModelSource(), lora=LoraSettings(), train=TrainConfig(),
-         push=PushConfig(repo_id="acme/tuned"), promote_to="staging")  # fmt: skip
+    push(merged, adapter, report, metrics, base=resolve_base(ModelSource()), lora=LoraSettings(), train=TrainConfig(),
+         push=PushConfig(repo_id="acme/tuned"))  # fmt: skip
+    promote([report], promote_to="staging", after="push")
 
 
 @pytest.mark.slow
 def test_step_in_pipeline_promotes_and_logs_metadata(zenml_home, folders):
-    """The ZenML step: both named outputs stored, push metadata on the model version, gate pass -> staging."""
+    """The ZenML steps: both named outputs stored, push metadata on the model version; promote after it: gate
+    pass -> staging."""
     from zenml.client import Client
 
     run = _push_only(str(folders[0].path), str(folders[1].path))
@@ -309,7 +316,9 @@ def test_step_in_pipeline_promotes_and_logs_metadata(zenml_home, folders):
     step_run = run.steps["push"]
     result = step_run.outputs["push_result"][0].load()
     bundle = step_run.outputs["upload_bundle"][0].load()
-    assert isinstance(result, PushResult) and result.promoted_to == "staging" and result.mode == "dry_run"
+    assert isinstance(result, PushResult) and result.mode == "dry_run"
+    promotion = run.steps["promote"].outputs["promotion"][0].load()
+    assert promotion.stage == "staging" and promotion.requested == "staging"
     assert bundle.files() == result.files
     assert str(run.id) in (bundle.path / "README.md").read_text()
 
@@ -317,6 +326,7 @@ def test_step_in_pipeline_promotes_and_logs_metadata(zenml_home, folders):
     assert version.id == run.model_version.id
     logged = version.run_metadata["push"]
     assert logged["mode"] == "dry_run" and logged["file_count"] == len(result.files)
+    assert version.run_metadata["promotion"]["stage"] == "staging"
 
 
 # --- publishing: candidate branch, verification, one commit onto main, retries ------------------------------------
@@ -448,7 +458,7 @@ def test_concurrent_push_to_main_is_not_overwritten(hub, folders, tmp_path, monk
     """Someone pushes to main after the candidate branch was made: the publish commit is refused, theirs stays."""
     from huggingface_hub import HfApi
 
-    import steps.push as push_module
+    import core.hub.publish as push_module
 
     monkeypatch.setenv("HF_TOKEN", SENTINEL)
     verify = push_module.remote_problems
@@ -487,7 +497,7 @@ def test_publish_pr_opens_a_pull_request_and_leaves_main(hub, folders, tmp_path,
 def test_verification_names_missing_changed_and_extra_files(hub, tmp_path, monkeypatch):
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from steps.push import remote_problems
+    from core.hub.publish import remote_problems
 
     api = HfApi(endpoint=hub.endpoint, token=SENTINEL)
     api.create_repo("acme/check")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pipelines.schedule import ScheduleError, check_schedulable, main
+from cli.schedule import ScheduleError, check_schedulable, main
 
 REPO = Path(__file__).resolve().parents[1]
 WEEKLY = REPO / "configs" / "schedule_weekly.yaml"
@@ -47,7 +47,7 @@ def test_check_names_the_cron_alternative_on_the_local_stack(zenml_home, capsys)
     assert "cannot run schedules" in msg and "'default' (local)" in msg
     assert f"0 3 * * 1 cd {REPO} && mkdir -p .cache && make run CONFIG=configs/default.yaml" in msg
     assert "zenml stack set k8s-gpu" in msg
-    # `make schedule` / python -m pipelines.schedule: exit status 2, the message on stderr, nothing submitted
+    # `make schedule` / python -m cli.schedule: exit status 2, the message on stderr, nothing submitted
     assert main(["--check", str(WEEKLY)]) == 2
     assert "crontab -e" in capsys.readouterr().err
 

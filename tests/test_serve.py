@@ -23,7 +23,7 @@ from zenml import Model, pipeline, step
 
 import materializers  # noqa: F401  (folder artifacts)
 from core.artifacts import ModelFolder
-from core.config import ModelSource
+from core.models import BaseModelRef, resolve_base
 from core.serving import ServeConfig, ServeRequestError, served_name
 
 MODEL_NAME = "serve-test"
@@ -71,9 +71,10 @@ def direct_answer(tiny_source, adapter_dir: Path | None, question: str, max_new_
     from datasets import Dataset
     from peft import PeftModel
 
+    from core.data.formatting import tokenize_example
+    from core.evaluation import generate_answers
     from core.models import load_base, load_tokenizer
-    from steps.evaluate import generate_answers
-    from steps.format_prompts import tokenize_example, with_system
+    from core.prompts import with_system
 
     tok = load_tokenizer(tiny_source)
     messages = with_system([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}], SYSTEM)
@@ -132,18 +133,18 @@ def test_task_adapters_only_default_and_per_adapter_system_prompt(tiny_source, t
 
 
 @step
-def _fake_train(model: ModelSource, adapter_dir: str) -> Annotated[ModelFolder, "adapter_support"]:
-    """Stands in for a train step: an adapter output produced from a `model` parameter."""
+def _fake_train(base: BaseModelRef, adapter_dir: str) -> Annotated[ModelFolder, "adapter_support"]:
+    """Stands in for steps/train.py: an adapter output produced from a `base` parameter."""
     return ModelFolder(adapter_dir)
 
 
 @pipeline(model=Model(name="serve-producer-test"), enable_cache=False)
-def _fake_training(model: ModelSource, adapter_dir: str) -> None:
-    _fake_train(model, adapter_dir)
+def _fake_training(base: BaseModelRef, adapter_dir: str) -> None:
+    _fake_train(base, adapter_dir)
 
 
 def test_base_comes_from_the_producing_step(zenml_home, tiny_source, two_adapters, tmp_path):
-    """A pipeline-made adapter: the base is its step's `model` parameter, not adapter_config.json's name."""
+    """A pipeline-made adapter: the base is its step's `base` parameter, not adapter_config.json's name."""
     from zenml.client import Client
 
     from core.serving import load_served_model
@@ -152,7 +153,7 @@ def test_base_comes_from_the_producing_step(zenml_home, tiny_source, two_adapter
     shutil.copytree(two_adapters[1], adapter)
     cfg_file = adapter / "adapter_config.json"
     cfg_file.write_text(cfg_file.read_text().replace(tiny_source.name, "not-a-folder/nor-on-the-hub"))
-    _fake_training(tiny_source, str(adapter))
+    _fake_training(resolve_base(tiny_source), str(adapter))
     Client().update_model_version("serve-producer-test", "latest", stage="production")
     served = load_served_model(ServeConfig(model_name="serve-producer-test", stage="production"))
     assert served.adapters == ["base", "support"] and served.default_adapter == "support"

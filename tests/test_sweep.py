@@ -81,7 +81,7 @@ def test_sweep_picks_lowest_eval_loss_and_a_new_point_runs_alone(setup):
     first = _run(raw)
     points = ["r4_lr0.01", "r8_lr0.01"]
     statuses = {name: s.status for name, s in first.steps.items()}
-    assert set(statuses) == {*SHARED, "select_best", "merge", "push"} | {
+    assert set(statuses) == {*SHARED, "select_best", "merge", "push", "promote"} | {
         f"{kind}_{p}" for p in points for kind in ("train", "evaluate")
     }
     assert set(statuses.values()) == {ExecutionStatus.COMPLETED}

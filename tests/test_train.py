@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from core.config import LoraSettings, QuantConfig, TrainConfig
-from steps.train import latest_complete_checkpoint, train_adapter
+from core.training import train_adapter
+from core.training.checkpoints import latest_complete_checkpoint
 
 
 def test_training_loss_goes_down(trained_adapter):

@@ -9,7 +9,8 @@ from datasets import Dataset
 from zenml import pipeline, step
 
 from core.config import ValidationConfig
-from steps.validate import DataValidationError, ValidationReport, validate, validate_dataset
+from core.data.validation import DataValidationError, ValidationReport, validate_dataset
+from steps.validate import validate
 
 
 def chat(prompt, response, system=None):

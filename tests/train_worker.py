@@ -1,4 +1,4 @@
-"""steps.train.train_adapter in a process of its own, for the crash-and-resume test (tests/test_faults_train.py).
+"""core.training.train_adapter in a process of its own, for the crash-and-resume test (tests/test_faults_train.py).
 
     python tests/train_worker.py SPEC.json
 
@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig  # noqa: E402
-from steps.train import train_adapter  # noqa: E402
+from core.training import train_adapter  # noqa: E402
 
 
 class ProgressAndHold(TrainerCallback):

@@ -1,4 +1,4 @@
-"""The serving step: one chat turn against the model the deployment loaded once (core/serving.py).
+"""The serving step, chat: one chat turn against the model the deployment loaded once (core/serving.py).
 
 Runs inside pipelines/serve_pipeline.py for every `POST /invoke`. The model, tokenizer and adapters are the
 pipeline state built by the `on_init` hook (`get_step_context().pipeline_state`), so a request only switches
@@ -9,14 +9,12 @@ reaches it by another way (e.g. /submit) fails that run with a ServeRequestError
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 from zenml import get_step_context, step
-from zenml.config.cache_policy import CachePolicy
 from zenml.logger import get_logger
 
-from core import serving
+from core.caching import step_cache_policy
 from core.serving import ServedModel, ServeLoadError, answer
 
 logger = get_logger(__name__)
@@ -33,7 +31,7 @@ def served_model_from_context() -> ServedModel:
 
 
 # Never cached: a cached answer would skip sampling and ignore which model the server loaded.
-@step(enable_cache=False, cache_policy=CachePolicy(source_dependencies=[sys.modules[__name__], serving]))
+@step(enable_cache=False, cache_policy=step_cache_policy(__name__))
 def chat(
     prompt: str, adapter: str = "", max_new_tokens: int = 128, temperature: float = 0.0
 ) -> tuple[

@@ -1,6 +1,6 @@
 """Print what the latest lora_pipeline run produced: scores, artifacts, where to look.
 
-python -m pipelines.summary            # `make run` calls this after the run
+python -m cli.summary            # `make run` calls this after the run
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def summarize(run) -> str:
             f"  push ({p.mode}): {len(p.files)} files, {p.total_bytes / 1e6:.1f} MB"
             + (f", commit {p.commit_url}" if p.commit_url else "")
         )
+    if art := output("promote", "promotion"):
+        p = art.load()
+        lines.append(f"  promotion: {p.stage or 'not promoted'} ({p.reason})")
     if run.model_version:
         mv = run.model_version
         lines.append(f"  model version: {mv.model.name} #{mv.number} (stage: {mv.stage or 'none'})")

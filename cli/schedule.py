@@ -1,7 +1,7 @@
 """Submit a scheduled run config (e.g. configs/schedule_weekly.yaml), after checking the active stack can schedule it.
 
-    python -m pipelines.schedule configs/schedule_weekly.yaml      # what `make schedule` runs
-    python -m pipelines.schedule --check configs/schedule_weekly.yaml
+    python -m cli.schedule configs/schedule_weekly.yaml      # what `make schedule` runs
+    python -m cli.schedule --check configs/schedule_weekly.yaml
 
 ZenML 0.98's local orchestrator cannot schedule. `zenml pipeline run -c` with a `schedule:` block
 on the default stack compiles the whole pipeline first, then stops with a traceback ending in

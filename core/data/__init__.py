@@ -1,0 +1,1 @@
+"""Data: read into the canonical schema (ingest), check it (validation), tokenize and split it (formatting)."""

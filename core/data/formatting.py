@@ -1,0 +1,118 @@
+"""Formatting: chat template -> token ids -> response-only labels, and the train/eval split.
+
+Each row renders with the tokenizer's chat template (an Alpaca-style template
+for base models without one). The prompt (every turn before the final
+assistant turn, plus the generation prompt) and the response are tokenized
+separately, exactly as generation will see them, and the prompt tokens get
+label -100 so the loss is on the response only. The end-of-turn/EOS token
+stays in the labels, so the model learns to stop.
+
+Rows labelled "eval" by ingest form the held-out split; unlabelled rows are
+split by a seeded hash of their prompt, so the same prompt never lands on both
+sides and adding rows does not reshuffle earlier ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from typing import Any
+
+from datasets import Dataset, Features, List, Value
+
+from core.config import PromptConfig
+from core.prompts import IGNORE, render, use_chat_template, with_system
+
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "messages": List({"role": Value("string"), "content": Value("string")}),
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "prompt_len": Value("int32"),  # tokens before the response starts
+    }
+)
+
+
+class OverlongError(ValueError):
+    """Rows longer than prompt.max_seq_len under prompt.overlong: fail; the message names them."""
+
+
+def tokenize_example(messages: list[dict], tokenizer, chat: bool) -> tuple[list[int], list[int], int]:
+    """input_ids, labels (-100 on the prompt), prompt length; EOS ends the labels."""
+    prompt, response = render(messages, tokenizer, chat)
+    # The chat template carries its own special tokens; Alpaca adds BOS if the tokenizer uses one.
+    prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id not in response_ids:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, len(prompt_ids)
+
+
+def is_eval(prompt_text: str, seed: int, fraction: float) -> bool:
+    """Seeded, per-prompt split decision: stable when other rows are added or removed."""
+    digest = hashlib.sha256(f"{seed}:{prompt_text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def token_stats(ds: Dataset) -> dict[str, Any]:
+    lengths = [len(x) for x in ds["input_ids"]]
+    response = [sum(1 for t in y if t != IGNORE) for y in ds["labels"]]
+    if not lengths:
+        return {"rows": 0}
+    return {
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "response_tokens": sum(response),
+        "mean_len": round(statistics.mean(lengths), 1),
+        "max_len": max(lengths),
+        "min_len": min(lengths),
+    }
+
+
+def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """Tokenize, apply the overlong policy and split; returns (train, eval, counts)."""
+    chat = use_chat_template(tokenizer, cfg.template)
+    out = {"train": {k: [] for k in FEATURES}, "eval": {k: [] for k in FEATURES}}
+    counts = {"truncated": 0, "dropped_overlong": 0}
+    overlong: list[str] = []
+    has_eval_rows = "eval" in set(clean["split"])
+    for row in clean:
+        messages = with_system(row["messages"], cfg.system_prompt)
+        ids, labels, prompt_len = tokenize_example(messages, tokenizer, chat)
+        if len(ids) > cfg.max_seq_len:
+            overlong.append(f"{row['id']} ({len(ids)} tokens)")
+            if cfg.overlong == "fail":
+                continue
+            if cfg.overlong == "drop" or prompt_len >= cfg.max_seq_len:  # nothing left to learn from
+                counts["dropped_overlong"] += 1
+                continue
+            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+            counts["truncated"] += 1
+        if row["split"]:
+            split = row["split"]
+        elif has_eval_rows:  # explicit held-out data exists: everything else trains
+            split = "train"
+        else:
+            split = "eval" if is_eval(render(messages, tokenizer, chat)[0], cfg.seed, cfg.eval_fraction) else "train"
+        for key, value in (
+            ("id", row["id"]),
+            ("messages", messages),
+            ("input_ids", ids),
+            ("labels", labels),
+            ("prompt_len", prompt_len),
+        ):
+            out[split][key].append(value)
+    if overlong and cfg.overlong == "fail":
+        raise OverlongError(
+            f"{len(overlong)} row(s) longer than prompt.max_seq_len={cfg.max_seq_len} tokens "
+            f"(prompt.overlong is 'fail'): {', '.join(overlong[:5])}"
+        )
+    train, held_out = (Dataset.from_dict(out[s], features=FEATURES) for s in ("train", "eval"))
+    if len(train) == 0 or len(held_out) == 0:
+        raise ValueError(
+            f"after formatting: {len(train)} train and {len(held_out)} eval rows; both splits need rows "
+            f"(check prompt.eval_fraction={cfg.eval_fraction} and prompt.max_seq_len={cfg.max_seq_len})"
+        )
+    counts["template"] = "chat" if chat else "alpaca"
+    return train, held_out, counts

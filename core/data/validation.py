@@ -1,0 +1,327 @@
+"""Validation: check the canonical dataset with Great Expectations before any GPU time is spent on it.
+
+Great Expectations 1.x is called directly (ZenML's GE integration pins GE<1.0): an ephemeral in-memory
+context, a pandas data source with one dataframe asset and one expectation suite per frame below, each run
+by a ValidationDefinition that returns every offending row index:
+
+- `rows`: one row per example, with columns derived from `messages`: `prompt` (the non-system turns before
+  the final assistant turn, joined), `response` (the final assistant turn), `roles` (the role sequence,
+  comma-joined) and `messages` (the whole conversation as JSON, for exact-duplicate detection);
+- `turns`: one row per message, with `messages.role` and `messages.content`, so that an empty or broken
+  turn in the middle of a conversation is caught too, not hidden inside a joined prompt;
+- `eval rows`: the eval rows' prompts, which must not be among the train rows' prompts (leakage).
+
+GE's column-map expectations (regex, lengths, in/not-in set) skip null values: they count them as
+`missing_count`, not as unexpected. So nulls are caught only by the explicit not-null expectations, and a
+null turn makes `prompt`/`response` null rather than "" so that it is reported once, as a null.
+
+Policy `fail` raises one DataValidationError naming every failed expectation; `drop` removes offending
+rows (for duplicates it keeps the first occurrence) and counts drops per expectation. Failures that no
+row can be blamed for (a missing column, an empty dataset) raise under both policies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib.metadata import version
+from typing import Any
+
+import pandas as pd
+from datasets import Dataset
+from pydantic import BaseModel, Field
+
+from core.artifacts import HtmlReport, html_table
+from core.config import ValidationConfig
+
+logger = logging.getLogger(__name__)
+# GE logs dozens of INFO lines on import and per context (ZenML's root logger is at INFO): keep step logs
+# readable, unless the user has set a level for GE themselves.
+if logging.getLogger("great_expectations").level == logging.NOTSET:
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+REQUIRED_COLUMNS = ("id", "split", "messages")
+SPLITS = ("train", "eval", "")  # "": unassigned; format_prompts splits those rows later
+ROLES = ("system", "user", "assistant")
+# An optional leading system turn, a user turn first, an assistant turn last (the training target).
+ROLE_SEQUENCE = r"^(?:system,)?user(?:,(?:user|assistant))*,assistant$"  # non-capturing: pandas warns on groups
+# Non-whitespace somewhere: rejects "" and whitespace-only text (lengths alone would pass "   ").
+NOT_BLANK = r"\S"
+# C0 controls except tab/LF/CR, DEL, C1 controls (often mojibake) and U+FFFD (a decoding error upstream).
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]"
+# Mojibake: UTF-8 text decoded as Latin-1 or cp1252 somewhere upstream ("Café" -> "CafÃ©", "it's" -> "itâ€™s").
+# A UTF-8 lead byte (C2/C3, or E2 80 for quotes and dashes, EF BB BF for a BOM) turns into "Â"/"Ã"/"â€"/"ï»¿",
+# followed by what the continuation byte shows as in Latin-1 (U+00A0-U+00BF) or cp1252 (the 0x80-0x9F specials).
+# Continuation bytes that show as C1 controls (U+0080-U+009F) are left to CONTROL_CHARS. Real text almost never
+# has "Ã" or "Â" before such a symbol (Portuguese "SÃO" has a letter after it).
+_CONTINUATION = "[\u00a0-\u00bf\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0160\u2039\u0152\u017d\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178]"
+MOJIBAKE = [f"[\u00c2\u00c3]{_CONTINUATION}", f"\u00e2\u20ac{_CONTINUATION}", "\u00ef\u00bb\u00bf"]
+MOJIBAKE_HINT = (
+    "looks like UTF-8 text decoded as Latin-1/cp1252 (mojibake), e.g. 'Ã©' for 'é': fix the source's encoding"
+)
+PROMPT_JOIN = "\n\n"  # between the turns that make up `prompt`
+VALUE_PREVIEW = 40  # characters of an offending value quoted in an error message
+
+
+class DataValidationError(ValueError):
+    """The dataset failed validation; the message lists every failed expectation with example row ids."""
+
+
+class ExpectationResult(BaseModel):
+    expectation: str  # GE expectation type, e.g. expect_column_values_to_not_be_null
+    column: str = ""  # "" for table-level expectations
+    unit: str = "rows"  # what the counts count: rows, turns (messages), or eval rows
+    success: bool
+    element_count: int = 0  # values checked, in `unit`
+    unexpected_count: int = 0  # values that failed, in `unit`
+    example_ids: list[str] = Field(default_factory=list)  # ids of offending rows, up to max_examples
+    dropped: int = 0  # rows removed because of this expectation (policy drop); a row can count under several
+    error: str = ""  # GE's exception message when the expectation could not be evaluated
+
+
+class ValidationReport(HtmlReport):
+    policy: str
+    rows_in: int
+    rows_out: int
+    results: list[ExpectationResult] = Field(default_factory=list)
+    ge_version: str = ""
+
+    @property
+    def failed(self) -> list[ExpectationResult]:
+        return [r for r in self.results if not r.success]
+
+    @property
+    def success(self) -> bool:
+        return not self.failed
+
+    def to_html(self) -> str:
+        status = "all expectations passed" if self.success else f"{len(self.failed)} expectation(s) failed"
+        summary = html_table(
+            ["policy", "rows in", "rows out", "dropped", "status", "Great Expectations"],
+            [[self.policy, self.rows_in, self.rows_out, self.rows_in - self.rows_out, status, self.ge_version]],
+        )
+        rows = [
+            [
+                r.expectation,
+                r.column or "(table)",
+                "pass" if r.success else "FAIL",
+                f"{r.unexpected_count} of {r.element_count} {r.unit}" if r.element_count else r.error or "",
+                ", ".join(r.example_ids),
+                r.dropped,
+            ]
+            for r in sorted(self.results, key=lambda r: r.success)  # failures first
+        ]
+        details = html_table(["expectation", "column", "result", "unexpected", "example rows", "dropped"], rows)
+        return f"<h3>Data validation</h3>{summary}<br>{details}"
+
+
+def flatten(ds: Dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `rows` and `turns` frames that the expectations run over (see the module docstring)."""
+    plain = ds.with_format(None)
+    rows: dict[str, list[Any]] = {"id": list(plain["id"]), "split": list(plain["split"])}
+    rows.update(prompt=[], response=[], roles=[], messages=[])
+    turns: dict[str, list[Any]] = {"row": [], "messages.role": [], "messages.content": []}
+    for pos, messages in enumerate(plain["messages"]):
+        messages = messages or []
+        roles = [m.get("role") for m in messages]
+        contents = [m.get("content") for m in messages]
+        turns["row"] += [pos] * len(messages)
+        turns["messages.role"] += roles
+        turns["messages.content"] += contents
+        # str(None) == "None": a missing role fails the ROLE_SEQUENCE regex instead of being skipped as null.
+        rows["roles"].append(",".join(str(r) for r in roles))
+        rows["messages"].append(json.dumps(messages, ensure_ascii=False, sort_keys=True))
+        prompt = response = None  # stay null when there is no final assistant turn: `roles` reports that
+        if roles and roles[-1] == "assistant":
+            before = [c for r, c in zip(roles[:-1], contents[:-1], strict=True) if r != "system"]
+            response = contents[-1]
+            if before and None not in before:  # a null turn is reported by the not-null expectation
+                prompt = PROMPT_JOIN.join(before)
+        rows["prompt"].append(prompt)
+        rows["response"].append(response)
+    return pd.DataFrame(rows), pd.DataFrame(turns)
+
+
+# One frame to validate: (data, expectations, suite parameters that the expectations refer to).
+Check = tuple[pd.DataFrame, list[Any], dict[str, Any]]
+
+
+def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
+    """The frames to validate and their expectations, by name; the name is also the unit the counts count.
+
+    Every frame's index is the dataset's row position, except `turns`, whose `row` column holds it.
+    """
+    # GE is imported here, not at the top: it takes seconds, and the pipeline imports every step to compile.
+    import great_expectations.expectations as gxe
+
+    schema = [gxe.ExpectColumnToExist(column=c) for c in REQUIRED_COLUMNS]
+    schema.append(gxe.ExpectTableRowCountToBeBetween(min_value=1))
+    if any(c not in ds.column_names for c in REQUIRED_COLUMNS):
+        # Nothing to derive from: check only the schema, over a frame with the dataset's shape.
+        return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
+
+    rows, turns = flatten(ds)
+    lengths = {"min_value": cfg.min_chars, "max_value": cfg.max_chars}
+    on_rows = schema + [
+        gxe.ExpectColumnValuesToNotBeNull(column="id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="split"),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_SEQUENCE),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", **lengths),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="response", **lengths),
+        gxe.ExpectColumnValuesToBeUnique(column="messages"),
+    ]
+    on_turns = [
+        gxe.ExpectColumnValuesToNotBeNull(column="messages.content"),
+        gxe.ExpectColumnValuesToMatchRegex(column="messages.content", regex=NOT_BLANK),
+        gxe.ExpectColumnValuesToNotMatchRegex(column="messages.content", regex=CONTROL_CHARS),
+        gxe.ExpectColumnValuesToNotMatchRegexList(
+            column="messages.content", regex_list=MOJIBAKE, meta={"hint": MOJIBAKE_HINT}
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="messages.role", value_set=list(ROLES)),
+    ]
+    # Leakage: an eval prompt that is also trained on makes eval loss and ROUGE look better than they are.
+    # Its own run over the eval rows, with the train prompts as a suite parameter: GE copies an expectation's
+    # kwargs many times per run (about 7 s for 45k train prompts), so keep the big set out of the other suites.
+    eval_rows = rows.loc[rows["split"] == "eval", ["id", "prompt"]]
+    train_prompts = sorted(set(rows.loc[rows["split"] == "train", "prompt"].dropna()))
+    on_eval = [gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "train_prompts"})]
+    return {
+        "rows": (rows, on_rows, {}),
+        "turns": (turns, on_turns, {}),
+        "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
+    }
+
+
+def run_checks(checks: dict[str, Check]) -> dict[str, list[Any]]:
+    """Run each frame's expectations in one ephemeral GE context; GE's results by frame name."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        # in memory, no data-docs site (the report is our own artifact), no tqdm bars in step logs
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+        analytics_enabled=False,
+    )
+    context = gx.get_context(mode="ephemeral", project_config=config)
+    source = context.data_sources.add_pandas("validate")
+    results = {}
+    for name, (frame, expectations, parameters) in checks.items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        run = definition.run(
+            batch_parameters={"dataframe": frame},
+            expectation_parameters=parameters,
+            # COMPLETE: every unexpected index (the frame's index), not just the first 20
+            result_format={"result_format": "COMPLETE"},
+        )
+        results[name] = run.results
+    return results
+
+
+def _preview(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "null"
+    text = repr(value)
+    return text if len(text) <= VALUE_PREVIEW else text[: VALUE_PREVIEW - 3] + "..."
+
+
+def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, ValidationReport]:
+    """Validate `ds`; return it (unchanged, or without offending rows under policy drop) and the report.
+
+    Raises DataValidationError, before anything is returned, under policy fail when any expectation fails,
+    and under either policy when a failure cannot be fixed by dropping rows or drop would leave no rows.
+    """
+    checks = build_checks(ds, cfg)
+    ge_results = run_checks(checks)
+    rows = checks["rows"][0]
+
+    results: list[ExpectationResult] = []
+    offending: list[tuple[ExpectationResult, list[int]]] = []  # failed row-level results, row positions
+    unfixable: list[ExpectationResult] = []
+    messages: list[str] = []
+    for unit, frame_results in ge_results.items():
+        frame = checks[unit][0]
+        for res in frame_results:
+            config = res.expectation_config
+            column = config.kwargs.get("column") or ""
+            detail = res.result or {}
+            item = ExpectationResult(
+                expectation=config.type,
+                column=column,
+                unit=unit,
+                success=bool(res.success),
+                element_count=detail.get("element_count") or 0,
+                unexpected_count=detail.get("unexpected_count") or 0,
+                error=(res.exception_info or {}).get("exception_message") or "",
+            )
+            results.append(item)
+            if item.success:
+                continue
+            index = detail.get("unexpected_index_list")
+            if not index:  # table-level (schema, row count) or an evaluation error: no row to blame
+                unfixable.append(item)
+                what = item.error or ("column missing" if column else f"observed {detail.get('observed_value')}")
+                messages.append(f"{item.expectation}{f' on {column!r}' if column else ''}: {what}")
+                continue
+            positions = frame["row"].loc[index].tolist() if unit == "turns" else list(index)
+            offending.append((item, positions))
+            first: dict[int, int] = {}  # row position -> its first offending value's index (one per row)
+            for p, i in zip(positions, index, strict=True):
+                first.setdefault(p, i)
+            shown = list(first.items())[: cfg.max_examples]
+            item.example_ids = [str(rows["id"].iloc[p]) for p, _ in shown]
+            examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[column].loc[i])}" for p, i in shown)
+            more = len(first) - len(shown)
+            # what a failure usually means, where the expectation's name does not say (see MOJIBAKE_HINT)
+            hint = (config.meta or {}).get("hint")
+            messages.append(
+                f"{item.expectation} on {column!r}: {item.unexpected_count} of {item.element_count} {unit}, "
+                f"e.g. {examples}{f' (+{more} more rows)' if more > 0 else ''}{f'; {hint}' if hint else ''}"
+            )
+
+    report = ValidationReport(
+        policy=cfg.policy, rows_in=len(ds), rows_out=len(ds), results=results, ge_version=version("great-expectations")
+    )
+    if not messages:
+        return ds, report
+    if cfg.policy == "fail" or unfixable:
+        why = "cannot be fixed by dropping rows" if unfixable else "set validation.policy: drop to remove them"
+        raise DataValidationError(
+            f"Data validation failed ({why}): {len(messages)} of {len(results)} expectations failed "
+            f"on {len(ds)} rows:\n  - " + "\n  - ".join(messages)
+        )
+
+    # policy drop: rows failing any other expectation first, then duplicates among the rows that remain,
+    # so that the first *surviving* occurrence of a duplicated conversation is the one kept.
+    drop: set[int] = set()
+    duplicates = []
+    for item, positions in offending:
+        if item.expectation == "expect_column_values_to_be_unique":
+            duplicates.append((item, positions))
+            continue
+        item.dropped = len(set(positions))
+        drop.update(positions)
+    for item, positions in duplicates:
+        seen: set[str] = set()
+        removed = set()
+        for p in sorted(set(positions) - drop):
+            value = rows[item.column].iloc[p]
+            if value in seen:
+                removed.add(p)
+            seen.add(value)
+        item.dropped = len(removed)
+        drop |= removed
+    if len(drop) == len(ds):
+        raise DataValidationError(
+            f"Data validation dropped every one of the {len(ds)} rows:\n  - " + "\n  - ".join(messages)
+        )
+    report.rows_out = len(ds) - len(drop)
+    logger.warning("validate: dropped %d of %d rows:\n  - %s", len(drop), len(ds), "\n  - ".join(messages))
+    return ds.select([p for p in range(len(ds)) if p not in drop]), report

@@ -1,0 +1,170 @@
+"""Evaluation: the fine-tuned model against the base on the same held-out split.
+
+Both models are the unquantized base in the compute dtype, without and then
+with the adapter merged in: that is what the FP16 merge ships. Scores:
+
+- mean cross-entropy per response token (nats) and perplexity, over every eval row;
+- greedy answers on the first `evaluate.num_generate` rows, scored by ROUGE-L F1
+  (the `rouge_score` package) and exact match against the reference.
+
+The quality gate compares the candidate with the base, and with the model
+version currently at `gate.compare_with_stage` when one exists and was scored
+on the same eval data. A failed gate stops the pipeline at merge (or only
+warns, by config); the report is kept either way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+
+import torch
+from datasets import Dataset
+
+from core import models
+from core.artifacts import ModelFolder, dataset_content_hash
+from core.config import EvalConfig, ModelSource
+from core.gate import apply_gate
+from core.models import BaseModelRef
+from core.prompts import IGNORE
+from core.reports import EvalReport, ModelScores, Sample
+
+
+def pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    """Sequences of ids as one tensor, padded with `value` on the left (generation) or the right."""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs])
+
+
+@torch.no_grad()
+def batch_logits(model, batches: list[list[list[int]]], pad_id: int) -> list[torch.Tensor]:
+    """The model's fp32 logits for each batch of id sequences (right-padded; padding positions zeroed)."""
+    device = next(model.parameters()).device
+    out = []
+    for seqs in batches:
+        ids = pad(seqs, pad_id, left=False).to(device)
+        mask = pad([[1] * len(s) for s in seqs], 0, left=False).to(device)
+        out.append(model(input_ids=ids, attention_mask=mask).logits.float().cpu() * mask.cpu()[..., None])
+    return out
+
+
+def max_relative_diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """max |actual - expected| logit over every batch, as a fraction of that batch's max |expected| logit.
+
+    The check behind the merge (merged vs base+adapter) and the GGUF export (file vs merged model).
+    """
+    return max(float((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) for a, e in zip(actual, expected))
+
+
+@torch.no_grad()
+def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy over response tokens only (labels != -100), in nats per token."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(ds), batch_size):
+        batch = ds[i : i + batch_size]
+        ids = pad(batch["input_ids"], pad_id, left=False).to(device)
+        labels = pad(batch["labels"], IGNORE, left=False).to(device)
+        mask = pad([[1] * len(x) for x in batch["input_ids"]], 0, left=False).to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += loss.item()
+        count += int((shift_labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to each row's prompt (the tokens before its response)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    answers = []
+    for i in range(0, len(ds), batch_size):
+        batch = ds[i : i + batch_size]
+        prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
+        ids = pad(prompts, pad_id, left=True).to(device)  # left padding: every row continues at the end
+        mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+def normalize(text: str) -> str:
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def text_scores(answers: list[str], references: list[str]) -> tuple[float, float]:
+    """(mean ROUGE-L F1, exact-match rate) of answers against references."""
+    from rouge_score import rouge_scorer
+
+    if not answers:
+        return 0.0, 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
+    exact = [normalize(a) == normalize(r) for a, r in zip(answers, references)]
+    return sum(rouge) / len(rouge), sum(exact) / len(exact)
+
+
+def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelScores, list[str]]:
+    loss = response_loss(model, ds, cfg.batch_size, tokenizer.pad_token_id)
+    sample = ds.select(range(min(cfg.num_generate, len(ds))))
+    answers = generate_answers(model, tokenizer, sample, cfg.max_new_tokens, cfg.batch_size)
+    rouge, exact = text_scores(answers, [m[-1]["content"] for m in sample["messages"]])
+    return ModelScores(loss=loss, perplexity=math.exp(min(loss, 50)), rouge_l=rouge, exact_match=exact), answers
+
+
+def evaluate_adapter(
+    adapter: ModelFolder,
+    eval_ds: Dataset,
+    model: ModelSource | BaseModelRef,
+    cfg: EvalConfig,
+    stage_reference: tuple[str, ModelScores] | None = None,
+) -> EvalReport:
+    """Base and fine-tuned scores on `eval_ds`, and the gate against the base (and `stage_reference`)."""
+    from peft import PeftModel
+
+    tokenizer = models.load_tokenizer(model)
+    base = models.load_base(model, quant=None).eval()
+    base_scores, base_answers = score_model(base, tokenizer, eval_ds, cfg)
+    # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
+    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
+    tuned, tuned_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
+    references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
+    passed, messages = apply_gate(tuned, references, cfg.gate)
+    samples = [
+        Sample(
+            id=row["id"],
+            prompt=row["messages"][-2]["content"] if len(row["messages"]) > 1 else "",
+            reference=row["messages"][-1]["content"],
+            base_answer=b,
+            tuned_answer=t,
+        )
+        for row, b, t in zip(eval_ds.select(range(len(tuned_answers))), base_answers, tuned_answers)
+    ]
+    return EvalReport(
+        eval_rows=len(eval_ds),
+        eval_dataset_hash=dataset_content_hash(eval_ds),
+        base=base_scores,
+        tuned=tuned,
+        reference_name=" and ".join(n for n, _ in references),
+        reference=stage_reference[1] if stage_reference else None,
+        gate_passed=passed,
+        on_fail=cfg.gate.on_fail,
+        gate_messages=messages,
+        samples=samples,
+    )

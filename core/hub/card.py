@@ -1,0 +1,199 @@
+"""The model card (README.md of the Hub repo): Hub metadata and a human-readable body, from the run's reports."""
+
+from __future__ import annotations
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
+from core.models import BaseModelRef, as_source, display_name
+from core.reports import EvalReport, ModelScores, TrainMetrics
+
+# metric field -> (model-index metric type, pretty name, digits shown in the card)
+METRICS: dict[str, tuple[str, str, int]] = {
+    "loss": ("loss", "Eval loss (nats/token)", 4),
+    "perplexity": ("perplexity", "Perplexity", 3),
+    "rouge_l": ("rouge", "ROUGE-L F1", 4),
+    "exact_match": ("exact_match", "Exact match", 4),
+}
+
+# Rendered by ModelCard.from_template; `card_data` is the YAML header from ModelCardData.
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+`{{ base_name }}` fine-tuned with {{ method }} by a [ZenML](https://zenml.io) pipeline
+(ingest, validate, format prompts, train, evaluate against the base model, merge, push).
+This repo holds the merged model ({{ merged_dtype }}){% if push_adapter %} and, under `adapter/`, the LoRA adapter alone{% endif %}.
+
+## Evaluation
+
+Held-out rows: {{ eval_rows }} (dataset sha256 `{{ eval_hash }}`).
+
+| metric | {{ score_columns | join(" | ") }} |
+|---|{% for _ in score_columns %}---|{% endfor %}
+{% for row in score_rows %}| {{ row | join(" | ") }} |
+{% endfor %}
+Quality gate against {{ reference_name }}: **{{ gate }}**
+{% for message in gate_messages %}
+- {{ message }}
+{%- endfor %}
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
+```
+{% if push_adapter %}
+The adapter alone, on top of the base model:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{{ base_name }}")
+model = PeftModel.from_pretrained(base, "{{ repo_id }}", subfolder="adapter")
+```
+{% endif %}
+## LoRA settings
+
+| setting | value |
+|---|---|
+{% for row in lora_rows %}| {{ row | join(" | ") }} |
+{% endfor %}
+## Training
+
+| setting | value |
+|---|---|
+{% for row in train_rows %}| {{ row | join(" | ") }} |
+{% endfor %}
+## Provenance
+
+- ZenML pipeline run: `{{ run_id }}`
+- Base model: `{{ base_name }}`
+"""
+
+
+def cell(value: object) -> str:
+    # Markdown table cells: a pipe or newline would break the row.
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _score_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
+    columns = ["base", "fine-tuned", "change vs base"]
+    reference = report.reference if report.reference is not None and report.reference_name != "base" else None
+    if reference is not None:
+        columns.append(report.reference_name)
+    rows = []
+    for field, (_, pretty, digits) in METRICS.items():
+        base, tuned = getattr(report.base, field), getattr(report.tuned, field)
+        row = [pretty, f"{base:.{digits}f}", f"{tuned:.{digits}f}", f"{tuned - base:+.{digits}f}"]
+        if reference is not None:
+            row.append(f"{getattr(reference, field):.{digits}f}")
+        rows.append([cell(c) for c in row])
+    return columns, rows
+
+
+def is_hub_id(model: ModelSource | BaseModelRef) -> bool:
+    # A local folder's path is not a Hub model id: the Hub's metadata check would reject it as base_model.
+    return as_source(model).source != "local"
+
+
+def build_model_card(
+    *,
+    model: ModelSource | BaseModelRef,
+    lora: LoraSettings,
+    train: TrainConfig,
+    push: PushConfig,
+    eval_report: EvalReport,
+    train_metrics: TrainMetrics,
+    run_id: str | None,
+    merged_dtype: str = "unknown dtype",
+) -> ModelCard:
+    """The README.md: Hub metadata (base model, license, tags, eval results) and a human-readable body."""
+    base_name = display_name(model)
+    repo_id = push.repo_id or "<your-org>/<repo>"
+    model_name = repo_id.split("/")[-1]
+    dataset_id = push.dataset_name or "custom"
+    scores: ModelScores = eval_report.tuned
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Text Generation",
+            dataset_type=dataset_id,
+            dataset_name=push.dataset_name or f"held-out split ({eval_report.eval_rows} rows)",
+            dataset_split="eval",
+            metric_type=metric_type,
+            metric_name=pretty,
+            metric_value=round(getattr(scores, field), digits),
+        )
+        for field, (metric_type, pretty, digits) in METRICS.items()
+    ]
+    card_data = ModelCardData(
+        base_model=base_name if is_hub_id(model) else None,
+        library_name="transformers",
+        license=push.license,
+        tags=list(push.tags),
+        datasets=[push.dataset_name] if push.dataset_name else None,
+        pipeline_tag="text-generation",
+        metrics=sorted({metric_type for metric_type, _, _ in METRICS.values()}),
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    columns, score_rows = _score_table(eval_report)
+    scale = (
+        f"alpha/sqrt(r) = {lora.alpha / lora.r**0.5:.3g}" if lora.use_rslora else f"alpha/r = {lora.alpha / lora.r:.3g}"
+    )
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    lora_rows = [
+        ["rank r", lora.r],
+        ["alpha", lora.alpha],
+        ["scale", scale],
+        ["dropout", lora.dropout],
+        ["target modules", targets],
+        ["DoRA", lora.use_dora],
+        ["rsLoRA", lora.use_rslora],
+    ]
+    tm = train_metrics
+    train_rows = [
+        ["optimizer steps", tm.steps],
+        ["max steps / epochs", f"{train.max_steps} / {train.num_epochs}"],
+        ["learning rate", train.learning_rate],
+        ["schedule", f"{train.lr_scheduler}, warmup ratio {train.warmup_ratio}"],
+        ["batch (micro x grad accum)", f"{train.micro_batch_size} x {train.grad_accum}"],
+        ["weight decay", train.weight_decay],
+        ["optimizer", train.optim],
+        ["gradient checkpointing", train.gradient_checkpointing],
+        ["seed", train.seed],
+        ["final train loss", f"{tm.final_train_loss:.4f}"],
+        ["final eval loss", "n/a" if tm.final_eval_loss is None else f"{tm.final_eval_loss:.4f}"],
+        ["trainable / total params", f"{tm.trainable_params:,} / {tm.total_params:,}"],
+        ["tokens trained (non-pad)", f"{tm.train_tokens:,}"],
+        ["throughput (tokens/s)", f"{tm.tokens_per_s:.1f}"],
+        ["wall time (s)", f"{tm.seconds:.1f}"],
+        ["device / compute dtype", f"{tm.device} / {tm.compute_dtype}"],
+    ]
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        title=model_name,
+        base_name=base_name,
+        method="QLoRA with DoRA" if lora.use_dora else "QLoRA",
+        merged_dtype=merged_dtype,
+        push_adapter=push.push_adapter,
+        repo_id=repo_id,
+        eval_rows=eval_report.eval_rows,
+        eval_hash=eval_report.eval_dataset_hash,
+        score_columns=columns,
+        score_rows=score_rows,
+        reference_name=eval_report.reference_name,
+        gate="passed" if eval_report.gate_passed else "failed",
+        gate_messages=[cell(m) for m in eval_report.gate_messages],
+        lora_rows=[[cell(c) for c in row] for row in lora_rows],
+        train_rows=[[cell(c) for c in row] for row in train_rows],
+        run_id=run_id or "n/a (not run by ZenML)",
+    )

@@ -1,0 +1,206 @@
+"""What a training run needs from the machine, checked before it starts and adapted while it runs.
+
+- check_disk_space: the checkpoint disk must hold the checkpoints and the merged model, or the run fails
+  in seconds, before anything loads.
+- train_with_oom_retry: a CUDA out-of-memory error retries at half the micro-batch and twice the
+  accumulation, the same effective batch.
+- packed_sequence_length / resolve_liger: settings errors before the model loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from core import models
+from core.config import LoraSettings, ModelSource, TrainConfig
+from core.training.checkpoints import latest_complete_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class InsufficientDiskError(OSError):
+    """Less free disk than the run's checkpoints and merged model need; raised before any training."""
+
+
+class TrainOutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory even at micro-batch 1."""
+
+
+def count_parameters(model: ModelSource, lora: LoraSettings) -> tuple[int, int]:
+    """(base model parameters, LoRA parameters), from the model's config alone: built on the meta device, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models.resolve_model(model), revision=model.revision)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in base.parameters())  # tied embeddings count once
+    output = base.get_output_embeddings()  # "all-linear" leaves the LM head out, as peft does
+    adapter = 0
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if lora.target_modules != "all-linear" and name.split(".")[-1] not in lora.target_modules:
+            continue
+        # A (r x in) + B (out x r); DoRA adds one magnitude per output feature
+        adapter += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+    return total, adapter
+
+
+def disk_needed(base_params: int, lora_params: int, save_total_limit: int) -> dict[str, int]:
+    """Bytes of disk this run writes, by part; "total" is their sum.
+
+    Per checkpoint: the adapter in fp32 (4 bytes/param) and AdamW's two fp32 moments (8 bytes/param; 8-bit paged
+    AdamW needs about a quarter of that, so this errs high). The trainer writes a new checkpoint before deleting the
+    oldest, so save_total_limit + 1 exist at the peak. The merge step then writes the base in fp16/bf16 (2 bytes/param).
+    """
+    per_checkpoint = lora_params * (4 + 8)
+    parts = {
+        "checkpoints": per_checkpoint * (save_total_limit + 1),
+        "per_checkpoint": per_checkpoint,
+        "merged_model": base_params * 2,
+    }
+    parts["total"] = parts["checkpoints"] + parts["merged_model"]
+    return parts
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_disk_space(path: Path, base_params: int, lora_params: int, save_total_limit: int) -> dict[str, int]:
+    """Raise InsufficientDiskError when the disk holding `path` has less free space than disk_needed(...)."""
+    need = disk_needed(base_params, lora_params, save_total_limit)
+    free = shutil.disk_usage(path).free
+    if free < need["total"]:
+        raise InsufficientDiskError(
+            f"not enough free disk for training: {path} has {_size(free)} free, this run needs about "
+            f"{_size(need['total'])} ({save_total_limit + 1} checkpoints x {_size(need['per_checkpoint'])} adapter + "
+            f"optimizer state, and {_size(need['merged_model'])} for the merged 16-bit model of "
+            f"{base_params / 1e9:.2f}B parameters). Free some space, point train.checkpoint_dir at a larger disk, "
+            "or lower train.save_total_limit."
+        )
+    return need
+
+
+def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int] | None:
+    """The (micro-batch, grad accum) to retry with after a CUDA OOM: the same effective batch, about half the memory.
+
+    Halves the micro-batch when it is even (4 x 1 -> 2 x 2); otherwise takes its largest divisor below the half
+    (3 x 1 -> 1 x 3), so micro x accum never changes. None at micro-batch 1: nothing left to shrink.
+    """
+    for m in range(micro // 2, 0, -1):
+        if micro % m == 0:
+            return m, accum * (micro // m)
+    return None
+
+
+def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: Path | None, progress):
+    """trainer.train(), retried at a smaller micro-batch (same effective batch) after CUDA out-of-memory.
+
+    A retry resumes from the newest complete checkpoint, or else restarts from the initial adapter weights (steps
+    run before the OOM may have changed them). Returns (trainer, train result, checkpoint resumed from).
+    """
+    initial = {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
+    while True:
+        trainer = make_trainer(args)
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=str(resume) if resume else None), resume
+        except torch.cuda.OutOfMemoryError as err:
+            micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+            smaller = smaller_micro_batch(micro, accum)
+            if smaller is None:
+                packed = f", one packed sequence of up to {args.max_length} tokens" if args.packing else ""
+                raise TrainOutOfMemoryError(
+                    f"CUDA out of memory even at micro-batch 1 (grad accum {accum}){packed}: lower "
+                    f"{'train.tokens_per_micro_batch or ' if args.packing else ''}prompt.max_seq_len, keep "
+                    "train.gradient_checkpointing on, or use a smaller base model"
+                ) from err
+        # Outside the except block, so the traceback (whose frames hold the activations) is gone before freeing.
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        args = copy.copy(args)
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = smaller
+        args.per_device_eval_batch_size = smaller[0]
+        resume = latest_complete_checkpoint(run_dir)
+        if resume is None:
+            with torch.no_grad():
+                for n, p in peft_model.named_parameters():
+                    if n in initial:
+                        p.copy_(initial[n].to(p.device))
+        done = int(resume.name.split("-")[-1]) if resume else 0
+        progress.loss_curve = [(s, v) for s, v in progress.loss_curve if s <= done]  # steps that run again
+        progress.eval_curve = [(s, v) for s, v in progress.eval_curve if s <= done]
+        # With packing the micro-batch counts packed sequences of args.max_length tokens: its token budget halves too.
+        budget = f", {micro * args.max_length} -> {smaller[0] * args.max_length} tokens" if args.packing else ""
+        logger.warning(
+            "CUDA out of memory at micro-batch %d x grad accum %d; retrying at %d x %d (same effective batch %d)%s, "
+            "from %s",
+            micro,
+            accum,
+            *smaller,
+            micro * accum,
+            budget,
+            resume or "the start",
+        )
+
+
+def longest_row(*datasets: Dataset) -> int:
+    """Tokens in the longest row of the given tokenized datasets."""
+    return max((len(ids) for ds in datasets for ids in ds["input_ids"]), default=0)
+
+
+def packed_sequence_length(cfg: TrainConfig, longest: int) -> int | None:
+    """Tokens per packed sequence with packing (None without): micro_batch_size of them form one micro-batch.
+
+    tokens_per_micro_batch // micro_batch_size, or the longest row when no budget is set. Packing keeps rows whole
+    (trl's "bfd" would cut a longer row and lose its labels), so a budget that leaves less than the longest row is
+    an error, raised before the model loads.
+    """
+    if not cfg.packing:
+        return None
+    if cfg.tokens_per_micro_batch is None:
+        return max(longest, 1)
+    length = cfg.tokens_per_micro_batch // cfg.micro_batch_size
+    if length < longest:
+        raise ValueError(
+            f"train.tokens_per_micro_batch={cfg.tokens_per_micro_batch} split into train.micro_batch_size="
+            f"{cfg.micro_batch_size} packed sequences gives {length} tokens each, but the longest row has {longest} "
+            f"tokens: raise tokens_per_micro_batch to at least {longest * cfg.micro_batch_size}, lower "
+            "micro_batch_size, or leave tokens_per_micro_batch unset (null)"
+        )
+    return length
+
+
+def resolve_liger(setting, cuda: bool) -> bool:
+    """use_liger_kernel: "auto" is on with CUDA and liger-kernel installed; the package is never imported here."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return cuda and installed
+    if setting and not (cuda and installed):
+        raise ValueError(
+            "train.use_liger_kernel is true, but liger-kernel's Triton kernels need a CUDA GPU "
+            f"({'found' if cuda else 'none found'}) and the liger-kernel package "
+            f"({'installed' if installed else 'not installed'}); use auto to apply them only where they can run"
+        )
+    return bool(setting)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

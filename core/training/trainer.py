@@ -1,0 +1,323 @@
+"""Training: QLoRA with bitsandbytes 4-bit, peft LoRA and trl's SFTTrainer.
+
+The base loads in 4-bit (nf4, double quant; compute dtype bf16 on a CUDA GPU
+that supports it, else fp32), `prepare_model_for_kbit_training` readies it,
+and a peft LoraConfig wraps it. SFTTrainer trains on the already tokenized
+rows from format_prompts: a dataset with `input_ids` and `labels` is used as
+is, so the response-only labels survive.
+
+The fast path (each part a TrainConfig knob; benchmarks/train_throughput.py
+measures them against the tutorial recipe):
+- packing: trl's padding-free best-fit-decreasing packing of whole rows into
+  micro-batches with a token budget (packed_sequence_length). Each micro-batch
+  is one unpadded sequence whose position_ids restart at every row;
+  transformers turns that into a block-diagonal causal mask (sdpa/eager) or
+  varlen boundaries (flash attention), so no token attends across rows.
+- labels_only_logits: the LM head and cross-entropy run only where the shifted
+  label is not -100 (labels_only_loss, via transformers' `logits_to_keep`).
+- LoRA dropout 0 (the default config) is peft's Identity; nothing re-adds it.
+- CUDA only: liger-kernel (use_liger_kernel) and activation offloading.
+
+Checkpoints go to `train.checkpoint_dir/<key>`, where the key hashes the data,
+base model and every training setting. Re-running the same step after a crash
+resumes from the newest *complete* checkpoint (adapter, optimizer state and
+trainer_state.json all present); an incomplete one is skipped.
+
+Before loading anything, train_adapter checks that the checkpoint disk has room
+for the checkpoints and the merged model (check_disk_space). A CUDA out-of-memory
+error retries at half the micro-batch and twice the accumulation, the same
+effective batch (train_with_oom_retry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+
+from core import models
+from core.artifacts import ModelFolder
+from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
+from core.models import BaseModelRef
+from core.reports import TrainMetrics
+from core.training.checkpoints import checkpoint_key, latest_complete_checkpoint
+from core.training.loss import labels_only_trainer_class
+from core.training.resources import (
+    check_disk_space,
+    count_parameters,
+    longest_row,
+    packed_sequence_length,
+    peak_memory_bytes,
+    resolve_liger,
+    train_with_oom_retry,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def keep_4bit_differentiable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of a model to be trained on its differentiable matmul; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a Linear4bit's weights into its CPU inference layout on
+    the first forward in eval mode without gradients (a held-out loss pass, before or between training steps), and
+    from then on runs every matmul of that layer, training included, through `gemv_4bit`: bf16 scales and no
+    autograd kernel, so the gradient never flows back through the frozen base weight and every LoRA weight below
+    it trains on a wrong gradient. On CPUs without AVX512-BF16 the layout is never used, which is why the same
+    seeded run learned differently on two CPUs. A model we train never takes that path, on any CPU.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, gradient_checkpointing: bool):
+    """4-bit base + LoRA adapter (trainable) on top."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base = models.load_base(model, quant)
+    if quant.load_in_4bit:
+        keep_4bit_differentiable(base)
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base, config)
+    # Record the public name, not this machine's cache path, in adapter_config.json.
+    peft_model.peft_config["default"].base_model_name_or_path = models.display_name(model)
+    return peft_model
+
+
+def sft_args(
+    cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False
+):
+    """The SFTConfig of a run: schedule, batch geometry, checkpointing and the fast-path switches."""
+    from trl import SFTConfig
+
+    packing = pack_length is not None
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch"),
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
+        # trl packs whole rows (best-fit decreasing) into sequences of max_length tokens, which packed_sequence_length
+        # made at least the longest row, and padding_free turns each micro-batch into one unpadded sequence.
+        max_length=pack_length,
+        packing=packing,
+        packing_strategy="bfd",
+        padding_free=packing,
+        use_liger_kernel=liger,
+        activation_offloading=cfg.activation_offloading and cuda,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def make_sft_trainer(model, args, train_ds, eval_ds, tokenizer, dtype, labels_only_logits=True, callbacks=None):
+    """The SFTTrainer (labels-only loss when asked), with the LoRA weights kept in the compute dtype."""
+    from trl import SFTTrainer
+
+    cls = labels_only_trainer_class() if labels_only_logits else SFTTrainer
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+    )
+    if dtype != torch.bfloat16:
+        # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
+        # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    return trainer
+
+
+class ProgressLog(TrainerCallback):
+    """Loss, learning rate and real tokens/s at every logging step; keeps the curves."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.tokens_at_start: int | None = None
+        self.loss_curve: list[tuple[int, float]] = []
+        self.eval_curve: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = time.perf_counter()
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "loss" in logs:
+            self.loss_curve.append((state.global_step, float(logs["loss"])))
+            seen = state.num_input_tokens_seen - (self.tokens_at_start or 0)
+            rate = seen / max(time.perf_counter() - self.start, 1e-9)
+            logger.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f tokens/s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", 0.0),
+                rate,
+            )
+        if "eval_loss" in logs:
+            self.eval_curve.append((state.global_step, float(logs["eval_loss"])))
+            logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
+
+
+@contextlib.contextmanager
+def no_hub_lookups():
+    """While training: peft's checkpoint saves ask the Hub whether the base model's vocabulary changed
+    (save_embedding_layers="auto"; the bundled model records its Hub name). This step never resizes or trains
+    the embeddings, and offline each lookup is a failed connection and a warning per checkpoint. peft reads
+    HF_HUB_OFFLINE at call time; huggingface_hub read it at import, so nothing else changes."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+def train_adapter(
+    train_ds: Dataset,
+    eval_ds: Dataset,
+    base: BaseModelRef | ModelSource,
+    quant: QuantConfig,
+    lora: LoraSettings,
+    cfg: TrainConfig,
+    out_dir: Path,
+    callbacks: list | None = None,
+) -> tuple[ModelFolder, TrainMetrics]:
+    """Train (or resume) and save the adapter to `out_dir`.
+
+    `base` is the base model resolved once (core.models.resolve_base); a plain ModelSource is resolved here.
+    Its identity keys the checkpoint folder, so a changed base never resumes another base's checkpoints.
+    """
+    base = models.resolve_base(base)
+    model = base.source
+    run_dir = Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
+    check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
+    resume = latest_complete_checkpoint(run_dir)
+
+    cuda = torch.cuda.is_available()
+    dtype = models.compute_dtype(quant.compute_dtype)
+    # Settings errors before the model loads: fail in seconds.
+    pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
+    liger = resolve_liger(cfg.use_liger_kernel, cuda)
+    tokenizer = models.load_tokenizer(model)
+    # The LoRA init draws from torch's global RNG before the trainer seeds it: seed here, or the same seed gives
+    # a different adapter on every run (and a resumed run could never match an uninterrupted one).
+    set_seed(cfg.seed)
+    peft_model = build_model(model, quant, lora, cfg.gradient_checkpointing)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+
+    args = sft_args(cfg, run_dir, cuda=cuda, dtype=dtype, pack_length=pack_length, liger=liger)
+    if pack_length is not None:
+        logger.info(
+            "packing: %d packed sequences of up to %d tokens per micro-batch, x %d accumulation",
+            cfg.micro_batch_size,
+            pack_length,
+            cfg.grad_accum,
+        )
+    progress = ProgressLog()
+
+    def make_trainer(train_args):
+        return make_sft_trainer(
+            peft_model,
+            train_args,
+            train_ds,
+            eval_ds,
+            tokenizer,
+            dtype,
+            labels_only_logits=cfg.labels_only_logits,
+            callbacks=[progress] + list(callbacks or []),
+        )
+
+    if resume:
+        logger.info("resuming from %s", resume)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with no_hub_lookups():
+        trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
+    seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
+    if final_eval is not None and (not progress.eval_curve or progress.eval_curve[-1][0] != trainer.state.global_step):
+        progress.eval_curve.append((trainer.state.global_step, float(final_eval)))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # adapter_config.json + adapter_model.safetensors; the embeddings are not trained, and checking whether
+    # they were would look the base model up on the Hub
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty card; push writes the real one
+    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start if progress.tokens_at_start else None
+    tokens = tokens if tokens is not None else trainer.state.num_input_tokens_seen
+    metrics = TrainMetrics(
+        steps=trainer.state.global_step,
+        resumed_from_step=int(resume.name.split("-")[-1]) if resume else 0,
+        final_train_loss=float(progress.loss_curve[-1][1] if progress.loss_curve else result.training_loss),
+        final_eval_loss=final_eval,
+        train_tokens=int(tokens),
+        tokens_per_s=round(tokens / max(seconds, 1e-9), 2),
+        seconds=round(seconds, 2),
+        peak_mem_bytes=peak_memory_bytes(),
+        trainable_params=int(trainable),
+        total_params=int(total),
+        compute_dtype=str(dtype).replace("torch.", ""),
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        loss_curve=progress.loss_curve,
+        eval_curve=progress.eval_curve,
+    )
+    return ModelFolder(out_dir), metrics

@@ -1,0 +1,41 @@
+"""The multi-task DAG: one adapter per task on the same base, no merge or push.
+
+    per task: ingest_<task> -> validate_<task> -> format_prompts_<task> -> train_<task> -> evaluate_<task>
+    then:     summarize_tasks -> promote
+
+The chains share no step, so ZenML caches each on its own: editing one task's data re-runs only that task.
+Outputs are adapter_<task>, train_metrics_<task> and eval_report_<task>; pipelines/serve_pipeline.py serves
+the base with every adapter, switching per request.
+"""
+
+from __future__ import annotations
+
+from core.config import Candidate, PipelineConfig
+from core.models import BaseModelRef
+from pipelines.single_run import prepare_data, train_and_evaluate
+from steps.promote import promote
+from steps.summarize_tasks import summarize_tasks
+
+
+def multitask_run(config: PipelineConfig, base: BaseModelRef) -> None:
+    reports, metrics = [], []
+    for task in config.tasks:
+        train_ds, eval_ds = prepare_data(config, base, data=task.data, suffix=f"_{task.name}")
+        _adapter, train_metrics, report = train_and_evaluate(
+            config,
+            base,
+            train_ds,
+            eval_ds,
+            config.task_lora(task),
+            config.train,
+            Candidate(kind="task", name=task.name),
+        )
+        reports.append(report)
+        metrics.append(train_metrics)
+    summarize_tasks(
+        reports,
+        metrics,
+        tasks=[t.name for t in config.tasks],
+        loras=[config.task_lora(t).model_dump(mode="json") for t in config.tasks],
+    )
+    promote(reports, promote_to=config.promote_to, after="summarize_tasks")
