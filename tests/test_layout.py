@@ -1,0 +1,53 @@
+"""The layout rule (docs/layout.md): core/ is the library, steps/ wire it one step per file, pipelines/ hold DAGs;
+and every step's cache key covers the core modules it reaches (core/caching.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from core.caching import project_dependencies
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module name imported anywhere in a file (also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "core").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_core_imports_no_step_or_pipeline(path):
+    assert not {n for n in _imports(path) if n.split(".")[0] in ("steps", "pipelines", "cli")}
+    assert "@step" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "steps").glob("*.py")), ids=lambda p: p.name)
+def test_a_step_file_is_one_thin_step_importing_no_other_step(path):
+    source = path.read_text()
+    assert not {n for n in _imports(path) if n.split(".")[0] == "steps"}
+    assert len(source.splitlines()) <= 100
+    if path.name != "__init__.py":
+        assert source.count("\n@step(") == 1, "one @step per file"
+
+
+def test_a_step_cache_key_covers_every_core_module_it_reaches():
+    deps = set(project_dependencies("steps.train"))
+    # the step's own file, what it imports, and what those import in turn (trainer -> loss -> prompts)
+    assert {"steps.train", "core.training.trainer", "core.training.distributed", "core.training.loss"} <= deps
+    assert "core.prompts" in deps and "core.models" in deps
+    assert not {d for d in deps if d.startswith(("steps.", "pipelines.")) and d != "steps.train"}
+
+
+def test_imports_inside_functions_count_too():
+    # core.serving imports `materializers` only inside a function; the package's __init__ pulls in its modules
+    deps = set(project_dependencies("core.serving"))
+    assert {"materializers", "materializers.folder_materializer", "core.prompts"} <= deps
