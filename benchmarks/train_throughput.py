@@ -13,6 +13,8 @@ Rows, each in a fresh subprocess (so peak memory is that row's own), on identica
   labels_only_logits, LoRA dropout, gradient checkpointing, liger, activation offloading) of the pipeline config
   (--config, default configs/default.yaml).
 - `ours-no-<technique>`: ours with one technique switched off (for checkpointing-off: switched on again).
+- `ref-fp32`, `ref-dequantized` (CPU presets): ours on the base unquantized in fp32, and on the 4-bit weights
+  dequantized to fp32 (core/training/reference.py): the training ours must track (its loss after, to the digit).
 Every row uses the preset's learning rate, schedule, LoRA r/alpha/targets, compute dtype (bf16 on CUDA, fp32 on CPU),
 number of optimizer steps and training rows (one epoch of the same seeded rows), so a ratio measures technique, not
 recipe. With packing a micro-batch is one packed sequence of a token budget: the smallest (from max(longest row,
@@ -258,8 +260,15 @@ def techniques(train, lora, cuda: bool) -> dict[str, dict]:
     return found
 
 
+# Training references for ours (its settings and data; only the base's weights differ): the base unquantized in fp32
+# (plain LoRA), and the 4-bit weights dequantized to fp32 (core/training/reference.py), which 4-bit training must
+# track exactly. CPU presets only: fp32 copies of an 8B base do not fit where the GPU presets run.
+REFERENCES = ("ref-fp32", "ref-dequantized")
+
+
 def row_names(train, lora, cuda: bool) -> list[str]:
-    return ["tutorial", "ours"] + [f"ours-no-{t}" for t in techniques(train, lora, cuda)]
+    refs = [] if cuda else list(REFERENCES)
+    return ["tutorial", "ours"] + [f"ours-no-{t}" for t in techniques(train, lora, cuda)] + refs
 
 
 @dataclass
@@ -305,6 +314,8 @@ def meter_callback(heldout: list[dict]):
     held-out loss before the first step and after the last, its scoring time taken out of every timing."""
     from transformers import TrainerCallback
 
+    from core.training.trainer import keep_4bit_differentiable
+
     class Meter(TrainerCallback):
         def __init__(self):
             self.excluded = 0.0  # seconds spent scoring the held-out rows
@@ -320,6 +331,10 @@ def meter_callback(heldout: list[dict]):
             return loss
 
         def on_train_begin(self, args, state, control, model=None, **kw):
+            # Scoring runs in eval mode without gradients, which on AVX512-BF16 CPUs would switch bitsandbytes'
+            # 4-bit layers to its inference kernel (no autograd) for the rest of training: keep every row on the
+            # training path, so that measuring does not change what is measured (docs/performance.md).
+            keep_4bit_differentiable(model)
             self.first_loss = self._score(model)
             self.train_begin = time.perf_counter() - self.excluded
 
@@ -426,7 +441,15 @@ def run_ours(spec: RowSpec, preset: Preset, train_ds, heldout_ds, meter, lengths
     from core.training import train_adapter
 
     train_cfg, lora_cfg = pipeline_settings(Path(spec.config))
-    if spec.row != "ours":
+    quant = QuantConfig(compute_dtype="auto")
+    if spec.row == "ref-fp32":
+        quant = QuantConfig(load_in_4bit=False, compute_dtype="float32")
+    elif spec.row == "ref-dequantized":
+        from core.training import trainer
+        from core.training.reference import build_dequantized_model
+
+        trainer.build_model = build_dequantized_model  # this row's process only
+    elif spec.row != "ours":
         off = techniques(train_cfg, lora_cfg, preset.cuda)[spec.row.removeprefix("ours-no-")]
         train_cfg = train_cfg.model_copy(update=off.get("train", {}))
         lora_cfg = lora_cfg.model_copy(update=off.get("lora", {}))
@@ -463,7 +486,7 @@ def run_ours(spec: RowSpec, preset: Preset, train_ds, heldout_ds, meter, lengths
         train_ds,
         heldout_ds,
         ModelSource(source="local", name=spec.model_dir),
-        QuantConfig(compute_dtype="auto"),
+        quant,
         lora_cfg,
         train_cfg,
         Path(spec.work_dir) / "adapter",
@@ -496,6 +519,8 @@ def worker(spec_path: Path) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
+
+    from core.training.resources import compute_settings
 
     spec = RowSpec(**json.loads(spec_path.read_text()))
     preset = PRESETS[spec.preset]
@@ -530,6 +555,7 @@ def worker(spec_path: Path) -> None:
         "workload": spec.workload,
         "device": common.device_name(threads=True),
         "versions": common.versions(*PACKAGES),
+        "compute_settings": compute_settings(),  # as this row's process ran: threads, matmul precision, kernels
         "steps": len(ends),
         "train_tokens": ends[-1][1],
         "real_tokens_per_s": tokens / span if span > 0 else None,
@@ -639,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {preset.name}: {preset.note}")
     print(f"device: {common.device_name(threads=True)}")
     print("versions: " + common.describe(common.versions(*PACKAGES)))
+    # what decides the numbers on this machine (core.training.resources.compute_settings; each row pins the same)
+    from core.training.resources import compute_settings
+
+    print("settings: " + common.describe(compute_settings()))
     print(f"ours: technique settings from {args.config}; rows: {', '.join(wanted)}")
 
     results = []

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import math
+import os
 import resource
 import shutil
 from pathlib import Path
@@ -204,3 +206,81 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# CPU features that decide which kernels torch (oneDNN) and bitsandbytes pick on a CPU.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The KERNEL_FLAGS this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in KERNEL_FLAGS if f in have]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (a pod's CPU limit).
+
+    os.cpu_count() and torch's default thread count see the machine's cores, not the container's share.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path, parse in (
+        ("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # cgroup v2: "<quota> <period>" or "max <period>"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None),  # cgroup v1: quota, then period in a second file
+    ):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if parse is not None:
+            quota, period = parse(text)
+        else:
+            quota, period = text, Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1") and int(period) > 0:
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return max(1, count)
+
+
+def pin_cpu_threads() -> int:
+    """torch's intra-op threads = usable_cpus() when it had more (a CPU-limited pod, a narrowed affinity)."""
+    usable = usable_cpus()
+    if torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
+    return torch.get_num_threads()
+
+
+def pin_training_precision(dtype: torch.dtype) -> None:
+    """fp32 training computes in full fp32: no TF32/bf16 shortcuts for fp32 matmuls, whatever was set before."""
+    if dtype != torch.float32:
+        return
+    torch.set_float32_matmul_precision("highest")
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "none"  # oneDNN: no bf16 for fp32 matmuls on CPUs that have it
+
+
+def compute_settings() -> dict:
+    """What decides the numbers a training run computes on this machine; logged by the train step and printed in
+    the train benchmark's header."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return {
+        "torch": torch.__version__,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "onednn_fp32_matmul_precision": getattr(matmul, "fp32_precision", "n/a"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "bitsandbytes": bnb.__version__,
+        # bitsandbytes' CPU inference layout (gemv_4bit, no autograd): never on a model being trained
+        "bnb_cpu_inference_layout": "available, off for training" if has_avx512bf16() else "not on this CPU",
+        "torch_threads": torch.get_num_threads(),
+        "usable_cpus": usable_cpus(),
+    }

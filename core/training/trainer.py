@@ -50,10 +50,13 @@ from core.training.checkpoints import checkpoint_key, latest_complete_checkpoint
 from core.training.loss import labels_only_trainer_class
 from core.training.resources import (
     check_disk_space,
+    compute_settings,
     count_parameters,
     longest_row,
     packed_sequence_length,
     peak_memory_bytes,
+    pin_cpu_threads,
+    pin_training_precision,
     resolve_liger,
     train_with_oom_retry,
 )
@@ -79,19 +82,11 @@ def keep_4bit_differentiable(model) -> int:
     return len(layers)
 
 
-def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, gradient_checkpointing: bool):
-    """4-bit base + LoRA adapter (trainable) on top."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(lora: LoraSettings):
+    """peft's LoraConfig for these settings (causal LM, no bias training)."""
+    from peft import LoraConfig
 
-    base = models.load_base(model, quant)
-    if quant.load_in_4bit:
-        keep_4bit_differentiable(base)
-        base = prepare_model_for_kbit_training(
-            base,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -101,7 +96,21 @@ def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, grad
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(base, config)
+
+
+def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, gradient_checkpointing: bool):
+    """4-bit base + LoRA adapter (trainable) on top."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    base = models.load_base(model, quant)
+    if quant.load_in_4bit:
+        keep_4bit_differentiable(base)
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    peft_model = get_peft_model(base, lora_config(lora))
     # Record the public name, not this machine's cache path, in adapter_config.json.
     peft_model.peft_config["default"].base_model_name_or_path = models.display_name(model)
     return peft_model
@@ -253,6 +262,10 @@ def train_adapter(
 
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
+    pin_training_precision(dtype)
+    if not cuda:
+        pin_cpu_threads()
+    logger.info("compute settings: %s", compute_settings())
     # Settings errors before the model loads: fail in seconds.
     pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
     liger = resolve_liger(cfg.use_liger_kernel, cuda)
