@@ -39,12 +39,30 @@ class ChatDeploymentService(PipelineDeploymentService):
     """
 
     def execute_pipeline(self, request):
+        """`POST /invoke`: a bad request is answered with `success: false` and the reason in `error`."""
         params = request.parameters.model_dump()
+        try:
+            self._check(params)
+        except ServeRequestError as err:
+            return self._build_response(resolved_params=params, start_time=time.time(), error=err)
+        return super().execute_pipeline(request)
+
+    def prepare_pipeline_run(self, request):
+        """Also `POST /submit`, which skips execute_pipeline: a bad request is HTTP 400 with the reason, no run."""
+        from fastapi import HTTPException
+
+        try:
+            self._check(request.parameters.model_dump())
+        except ServeRequestError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from None
+        return super().prepare_pipeline_run(request)
+
+    @staticmethod
+    def _check(params: dict) -> None:
         served = get_or_create_run_context().state
         if isinstance(served, ServedModel):
             try:
                 validate_request(served, **params)
             except ServeRequestError as err:
                 logger.info("bad request: %s", err)
-                return self._build_response(resolved_params=params, start_time=time.time(), error=err)
-        return super().execute_pipeline(request)
+                raise

@@ -108,16 +108,23 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def text_scores(answers: list[str], references: list[str]) -> tuple[float, float]:
-    """(mean ROUGE-L F1, exact-match rate) of answers against references."""
+def row_scores(answers: list[str], references: list[str]) -> list[tuple[float, bool]]:
+    """(ROUGE-L F1, exact match) of each answer against its reference."""
     from rouge_score import rouge_scorer
 
-    if not answers:
-        return 0.0, 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
-    exact = [normalize(a) == normalize(r) for a, r in zip(answers, references)]
-    return sum(rouge) / len(rouge), sum(exact) / len(exact)
+    return [
+        (scorer.score(ref, ans)["rougeL"].fmeasure, normalize(ans) == normalize(ref))
+        for ans, ref in zip(answers, references)
+    ]
+
+
+def text_scores(answers: list[str], references: list[str]) -> tuple[float, float]:
+    """(mean ROUGE-L F1, exact-match rate) of answers against references."""
+    rows = row_scores(answers, references)
+    if not rows:
+        return 0.0, 0.0
+    return sum(r for r, _ in rows) / len(rows), sum(e for _, e in rows) / len(rows)
 
 
 def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelScores, list[str]]:
@@ -146,15 +153,28 @@ def evaluate_adapter(
     tuned, tuned_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
     references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
     passed, messages = apply_gate(tuned, references, cfg.gate)
+    generated = eval_ds.select(range(len(tuned_answers)))
+    expected = [m[-1]["content"] for m in generated["messages"]]
     samples = [
         Sample(
             id=row["id"],
             prompt=row["messages"][-2]["content"] if len(row["messages"]) > 1 else "",
-            reference=row["messages"][-1]["content"],
+            reference=ref,
             base_answer=b,
             tuned_answer=t,
+            base_rouge_l=b_rouge,
+            tuned_rouge_l=t_rouge,
+            base_exact=b_exact,
+            tuned_exact=t_exact,
         )
-        for row, b, t in zip(eval_ds.select(range(len(tuned_answers))), base_answers, tuned_answers)
+        for row, ref, b, t, (b_rouge, b_exact), (t_rouge, t_exact) in zip(
+            generated,
+            expected,
+            base_answers,
+            tuned_answers,
+            row_scores(base_answers, expected),
+            row_scores(tuned_answers, expected),
+        )
     ]
     return EvalReport(
         eval_rows=len(eval_ds),

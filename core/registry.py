@@ -100,3 +100,97 @@ def input_artifact_id(name: str, index: int = 0) -> UUID | None:
         return None
     items = inputs.get(name) or []
     return items[index].id if index < len(items) else None
+
+
+# What a model version records about the results it holds (see the module docstring); `promotion` is per run.
+RESULT_KEYS = ("training", "evaluation", "push", "sweep", "tasks")
+
+
+def _producer_version_id(artifact_version_id: UUID) -> UUID | None:
+    """The model version of the run whose step produced this artifact version."""
+    from zenml.client import Client
+
+    client = Client()
+    step_id = client.get_artifact_version(artifact_version_id).producer_step_run_id
+    if step_id is None:
+        return None
+    run = client.get_pipeline_run(client.get_run_step(step_id).pipeline_run_id)
+    return run.model_version.id if run.model_version is not None else None
+
+
+def carry_over_results(input_name: str) -> list[str]:
+    """Give this run's model version the results it holds but did not compute; returns the keys copied.
+
+    A cached step does not run, so it records nothing on the new model version that the run creates: a fully
+    cached rerun would leave a version with no training, evaluation or push records (ZenML does link the cached
+    artifacts to it). The artifacts behind this step's input `input_name` were produced under some earlier
+    version; every RESULT_KEYS entry that version has and this one lacks is copied over.
+    """
+    from zenml import get_step_context, log_metadata
+    from zenml.client import Client
+
+    context = get_step_context()
+    if context.model_version is None:
+        return []
+    current = Client().get_model_version(context.model_version.model.name, context.model_version.id)
+    sources = {_producer_version_id(a.id) for a in context.inputs.get(input_name) or []} - {None, current.id}
+    copied: dict[str, Any] = {}
+    for version_id in sorted(sources, key=str):
+        earlier = Client().get_model_version(current.model.name, version_id)
+        for key in RESULT_KEYS:
+            if key in earlier.run_metadata and key not in current.run_metadata and key not in copied:
+                copied[key] = earlier.run_metadata[key]
+    if copied:
+        log_metadata(metadata=copied, infer_model=True)
+        logger.info("model version %s: %s carried over from the cached run's version", current.number, sorted(copied))
+    return sorted(copied)
+
+
+def headline(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The scores a person looks for first, from a model version's (or run's) metadata."""
+    out: dict[str, Any] = {}
+    evaluation = metadata.get("evaluation")
+    if isinstance(evaluation, dict):
+        for side in ("base", "tuned"):
+            for metric in ("loss", "rouge_l", "exact_match"):
+                out[f"{side}_{metric}"] = (evaluation.get(side) or {}).get(metric)
+        out["gate_passed"] = evaluation.get("gate_passed")
+    tasks = metadata.get("tasks")
+    if isinstance(tasks, dict):
+        for task, entry in tasks.items():
+            scores = (entry or {}).get("evaluation") or {}
+            out[f"{task}_loss"] = [(scores.get(s) or {}).get("loss") for s in ("base", "tuned")]
+        out["gate_passed"] = all(((e or {}).get("evaluation") or {}).get("gate_passed") for e in tasks.values())
+    return out
+
+
+def model_history(model_name: str):
+    """Every version of `model_name`, oldest first, as a core.reports.ModelHistory (what the dashboard lacks)."""
+    from zenml.client import Client
+    from zenml.utils import dashboard_utils
+    from zenml.utils.pagination_utils import depaginate
+
+    from core.reports import ModelHistory, VersionRow
+
+    client = Client()
+    rows = []
+    for version in depaginate(client.list_model_versions, model_name_or_id=model_name, sort_by="asc:number"):
+        meta = version.run_metadata
+        runs = []
+        for run_name, run_id in version.pipeline_run_ids.items():
+            try:
+                url = dashboard_utils.get_run_url(client.get_pipeline_run(run_id)) or ""
+            except Exception:  # a deleted run, a store without a dashboard
+                url = ""
+            runs.append((run_name, url))
+        rows.append(
+            VersionRow(
+                number=version.number,
+                created=version.created.strftime("%Y-%m-%d %H:%M"),
+                stage=version.stage or "",
+                scores=headline(meta),
+                records=[k for k in RESULT_KEYS if k in meta],
+                runs=runs,
+            )
+        )
+    return ModelHistory(model=model_name, versions=rows)

@@ -29,46 +29,114 @@ class TrainMetrics(HtmlReport):
     eval_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, eval loss)
 
     def to_html(self) -> str:
-        summary = html_table(
-            ["metric", "value"],
-            [[k, v] for k, v in self.model_dump(exclude={"loss_curve", "eval_curve"}).items()],
+        resumed = (
+            f" (resumed at step {self.resumed_from_step}: tokens and time count this attempt)"
+            if self.resumed_from_step
+            else ""
         )
-        return f"<h3>Training</h3>{summary}{_loss_svg(self.loss_curve, self.eval_curve)}"
+        rows = [
+            ["optimizer steps", f"{self.steps:,}{resumed}"],
+            ["train loss, last logged step", f"{self.final_train_loss:.4g} nats/token"],
+            [
+                "held-out loss, trainer's eval",
+                "-" if self.final_eval_loss is None else f"{self.final_eval_loss:.4g} nats/token",
+            ],
+            ["tokens trained (real, non-padding)", f"{self.train_tokens:,}"],
+            ["throughput", f"{self.tokens_per_s:.4g} tokens/s"],
+            ["training time", f"{self.seconds:.4g} s"],
+            [
+                "peak memory",
+                format_bytes(self.peak_mem_bytes) + (" (GPU allocated)" if self.device != "cpu" else " (RSS)"),
+            ],
+            [
+                "trainable / total parameters",
+                f"{self.trainable_params:,} / {self.total_params:,} ({self.trainable_params / max(self.total_params, 1):.2%})",
+            ],
+            ["device, compute dtype", f"{self.device}, {self.compute_dtype}"],
+        ]
+        note = (
+            "<p><i>Held-out loss, trainer's eval</i> is measured during training on the 4-bit model with the adapter "
+            "(the eval split, packed like training). The evaluate step's fine-tuned loss is the one the quality gate "
+            "uses: the unquantized base with the adapter merged, what merge ships; the two differ by the 4-bit "
+            "rounding of the base.</p>"
+        )
+        return f"<h3>Training</h3>{html_table(['', 'value'], rows)}{note}{loss_chart(self.loss_curve, self.eval_curve)}"
 
 
-def _loss_svg(train: list[tuple[int, float]], evals: list[tuple[int, float]], w: int = 640, h: int = 320) -> str:
-    """Loss curve as inline SVG: no plotting library, renders in the dashboard as is."""
-    points = train + evals
+def format_bytes(n: float) -> str:
+    """1,536 -> '1.5 KiB'; binary units, 3-4 significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}" if n / scale < 1000 else f"{n / scale:,.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) from at or below `lo` to at or above `hi`."""
+    import math
+
+    span = (hi - lo) or abs(hi) or 1.0
+    raw = span / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    ticks = [math.floor(lo / step) * step]
+    while ticks[-1] < hi - step * 1e-9:
+        ticks.append(ticks[-1] + step)
+    if len(ticks) == 1:
+        ticks.append(ticks[0] + step)
+    return [round(t, 12) for t in ticks]
+
+
+def loss_chart(train: list[tuple[int, float]], evals: list[tuple[int, float]], w: int = 680, h: int = 340) -> str:
+    """Train loss at every logged step and the held-out loss at every eval, as an inline SVG with axes, ticks and
+    units (no plotting library: the dashboard renders it as is)."""
+    points = list(train) + list(evals)
     if not points:
         return "<p>no loss logged</p>"
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) or 1
-    y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y1 = y0 + 1
+    left, right, top, bottom = 64, 20, 30, 46  # margins, px
+    xs = _ticks(0, max(p[0] for p in points) or 1)
+    low, high = min(p[1] for p in points), max(p[1] for p in points)
+    ys = _ticks(0.0 if low < 0.3 * high else low, high)  # from zero unless that would flatten the curve
+    x0, x1, y0, y1 = xs[0], xs[-1] or 1, ys[0], ys[-1] if ys[-1] != ys[0] else ys[0] + 1
 
-    def poly(curve: list[tuple[int, float]], color: str) -> str:
-        pts = " ".join(
-            f"{40 + (x - x0) / (x1 - x0) * (w - 60):.1f},{h - 30 - (y - y0) / (y1 - y0) * (h - 50):.1f}"
-            for x, y in curve
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (x - x0) / (x1 - x0) * (w - left - right),
+            h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom),
         )
-        # a marker per point too: a one-point curve (eval loss measured once) has no visible line
-        dots = "".join(
-            f"<circle cx='{p.split(',')[0]}' cy='{p.split(',')[1]}' r='3' fill='{color}'/>" for p in pts.split()
-        )
-        return f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{pts}'/>{dots}"
 
-    return (
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' style='background:#fff'>"
-        f"<text x='40' y='15' font-size='12'>loss (train: blue, eval: orange); "
-        f"steps {x0}..{x1}, loss {y0:.3f}..{y1:.3f}</text>"
-        f"<line x1='40' y1='{h - 30}' x2='{w - 20}' y2='{h - 30}' stroke='#888'/>"
-        f"<line x1='40' y1='20' x2='40' y2='{h - 30}' stroke='#888'/>"
-        f"{poly(train, '#1f77b4')}{poly(evals, '#ff7f0e')}</svg>"
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' style='background:#fff;font:12px sans-serif'>"
+    ]
+    for x in xs:
+        gx, _ = px(x, y0)
+        parts.append(f"<line x1='{gx:.1f}' y1='{top}' x2='{gx:.1f}' y2='{h - bottom}' stroke='#eee'/>")
+        parts.append(f"<text x='{gx:.1f}' y='{h - bottom + 16}' text-anchor='middle'>{x:g}</text>")
+    for y in ys:
+        _, gy = px(x0, y)
+        parts.append(f"<line x1='{left}' y1='{gy:.1f}' x2='{w - right}' y2='{gy:.1f}' stroke='#eee'/>")
+        parts.append(f"<text x='{left - 6}' y='{gy + 4:.1f}' text-anchor='end'>{y:g}</text>")
+    parts.append(f"<line x1='{left}' y1='{h - bottom}' x2='{w - right}' y2='{h - bottom}' stroke='#444'/>")
+    parts.append(f"<line x1='{left}' y1='{top}' x2='{left}' y2='{h - bottom}' stroke='#444'/>")
+    parts.append(f"<text x='{(left + w - right) / 2}' y='{h - 8}' text-anchor='middle'>optimizer step</text>")
+    parts.append(
+        f"<text x='14' y='{(top + h - bottom) / 2}' text-anchor='middle' "
+        f"transform='rotate(-90 14 {(top + h - bottom) / 2})'>loss (nats/token)</text>"
     )
+    for curve, color, label, row in (
+        (train, "#1f77b4", f"train loss ({len(train)} logged steps)", 0),
+        (evals, "#ff7f0e", f"held-out loss, trainer's eval ({len(evals)} evals)", 1),
+    ):
+        pts = [px(x, y) for x, y in curve]
+        if len(pts) > 1:
+            line = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+            parts.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{line}'/>")
+        parts += [f"<circle cx='{a:.1f}' cy='{b:.1f}' r='2.5' fill='{color}'/>" for a, b in pts]
+        lx = left + 10 + row * 260
+        parts.append(f"<rect x='{lx}' y='8' width='12' height='12' fill='{color}'/>")
+        parts.append(f"<text x='{lx + 16}' y='18'>{html.escape(label)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 class Sample(BaseModel):
@@ -77,6 +145,11 @@ class Sample(BaseModel):
     reference: str
     base_answer: str
     tuned_answer: str
+    # each answer's own scores (None in reports written before they were recorded)
+    base_rouge_l: float | None = None
+    tuned_rouge_l: float | None = None
+    base_exact: bool | None = None
+    tuned_exact: bool | None = None
 
 
 class ModelScores(BaseModel):
@@ -100,20 +173,40 @@ class EvalReport(HtmlReport):
     samples: list[Sample] = Field(default_factory=list)
 
     def to_html(self) -> str:
+        generated = len(self.samples)
+        covers = {
+            "loss": f"all {self.eval_rows} rows",
+            "perplexity": f"all {self.eval_rows} rows",
+            "rouge_l": f"the first {generated} rows (greedy answers)",
+            "exact_match": f"the first {generated} rows (greedy answers)",
+        }
         scores = html_table(
-            ["metric", "base", "fine-tuned"],
-            [[m, f"{getattr(self.base, m):.4f}", f"{getattr(self.tuned, m):.4f}"] for m in ModelScores.model_fields],
+            ["metric", "base", "fine-tuned", "rows it covers"],
+            [
+                [m, f"{getattr(self.base, m):.4g}", f"{getattr(self.tuned, m):.4g}", covers[m]]
+                for m in ModelScores.model_fields
+            ],
         )
         gate = "PASSED" if self.gate_passed else "FAILED"
         msgs = "".join(f"<li>{html.escape(m)}</li>" for m in self.gate_messages)
+
+        def mark(exact: bool | None, rouge: float | None) -> str:
+            if exact is None:
+                return ""
+            return ("exact" if exact else "not exact") + ("" if rouge is None else f", ROUGE-L {rouge:.2f}")
+
         table = html_table(
-            ["id", "prompt", "reference", "base answer", "fine-tuned answer"],
-            [[s.id, s.prompt, s.reference, s.base_answer, s.tuned_answer] for s in self.samples],
-        )
+            ["id", "prompt", "reference", "base answer", "base", "fine-tuned answer", "fine-tuned"],
+            [
+                [s.id, s.prompt, s.reference, s.base_answer, mark(s.base_exact, s.base_rouge_l), s.tuned_answer,
+                 mark(s.tuned_exact, s.tuned_rouge_l)]
+                for s in self.samples
+            ],
+        )  # fmt: skip
         return (
-            f"<h3>Evaluation on {self.eval_rows} held-out rows</h3>{scores}"
-            f"<p>Quality gate vs {html.escape(self.reference_name)}: <b>{gate}</b></p><ul>{msgs}</ul>"
-            f"<h3>Side by side</h3>{table}"
+            f"<h3>Evaluation on {self.eval_rows} held-out rows ({generated} of them answered by greedy generation)"
+            f"</h3>{scores}<p>Quality gate vs {html.escape(self.reference_name)}: <b>{gate}</b></p><ul>{msgs}</ul>"
+            f"<h3>Side by side: the {generated} generated answers</h3>{table}"
         )
 
 
@@ -146,3 +239,54 @@ class Promotion(HtmlReport):
 
     def to_html(self) -> str:
         return f"<h3>Promotion</h3>{html_table(['requested', 'stage set', 'reason'], [[self.requested, self.stage, self.reason]])}"
+
+
+class VersionRow(BaseModel):
+    number: int
+    created: str  # UTC, minutes
+    stage: str  # "" when none
+    scores: dict  # core.registry.headline: base/tuned loss, ROUGE-L, exact match, gate
+    records: list[str] = Field(default_factory=list)  # which result records (core.registry.RESULT_KEYS) it holds
+    runs: list[tuple[str, str]] = Field(default_factory=list)  # (run name, dashboard URL or "")
+
+
+class ModelHistory(HtmlReport):
+    """Every version of a ZenML Model with its stage and headline scores: the open-source dashboard has no Models
+    page, so the promote step writes this artifact each run."""
+
+    model: str
+    versions: list[VersionRow]
+
+    def to_html(self) -> str:
+        def num(x) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        def scores(s: dict) -> str:
+            if "tuned_loss" in s:
+                return (
+                    f"loss {num(s.get('base_loss'))} &rarr; {num(s.get('tuned_loss'))}, "
+                    f"ROUGE-L {num(s.get('base_rouge_l'))} &rarr; {num(s.get('tuned_rouge_l'))}, "
+                    f"exact match {num(s.get('base_exact_match'))} &rarr; {num(s.get('tuned_exact_match'))}"
+                )
+            tasks = [f"{k[:-5]}: loss {num(v[0])} &rarr; {num(v[1])}" for k, v in s.items() if k.endswith("_loss")]
+            return "; ".join(tasks) or "no scores recorded"
+
+        def runs(r: list[tuple[str, str]]) -> str:
+            return "<br>".join(
+                f"<a href='{html.escape(url)}'>{html.escape(name)}</a>" if url else html.escape(name) for name, url in r
+            )
+
+        gate = {True: "passed", False: "FAILED", None: "-"}
+        body = "".join(
+            f"<tr><td>#{v.number}</td><td>{html.escape(v.created)}</td><td><b>{html.escape(v.stage or '-')}</b></td>"
+            f"<td>{scores(v.scores)}</td><td>{gate[v.scores.get('gate_passed')]}</td><td>{runs(v.runs)}</td></tr>"
+            for v in reversed(self.versions)
+        )
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("version", "created (UTC)", "stage", "held-out scores (base &rarr; fine-tuned)", "gate", "run")
+        )
+        return (
+            f"<h3>Model {html.escape(self.model)}: {len(self.versions)} version(s), newest first</h3>"
+            f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{head}</tr>{body}</table>"
+        )

@@ -1,29 +1,34 @@
-"""The last step of every kind of run: promote the run's model version to `promote_to` when every candidate
-it holds passed its quality gate (core/gate.py, core/registry.py).
+"""The last step of every kind of run: record what the run's model version holds, promote it to `promote_to` when
+every candidate passed its quality gate, and write the model's history (core/gate.py, core/registry.py).
 
-A single run and a sweep promote after push (so a failed upload never reaches a stage); a multi-task run
-after summarize_tasks, with every task's report.
+A single run and a sweep promote after push (so a failed upload never reaches a stage); a multi-task run after
+summarize_tasks, with every task's report. Never cached: a rerun whose other steps are all cache hits still makes
+a new model version, and this step gives it the results it holds (carried over from the version they were
+computed under), its stage, and a current `model_history`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from zenml import step
+from zenml import get_step_context, log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import registry
 from core.caching import step_cache_policy
 from core.gate import may_promote
-from core.reports import EvalReport, Promotion
+from core.reports import EvalReport, ModelHistory, Promotion
 
 logger = get_logger(__name__)
 
 
-# Cacheable like push: a hit means these exact reports were already promoted by the run it hits.
-@step(cache_policy=step_cache_policy(__name__))
-def promote(eval_reports: list[EvalReport], promote_to: str | None = None) -> Annotated[Promotion, "promotion"]:
+@step(enable_cache=False, cache_policy=step_cache_policy(__name__))
+def promote(
+    eval_reports: list[EvalReport], promote_to: str | None = None
+) -> tuple[Annotated[Promotion, "promotion"], Annotated[ModelHistory, "model_history"]]:
+    model_name = registry.current_model_name()
+    carried = registry.carry_over_results("eval_reports")
     if not promote_to:
         result = Promotion(requested=None, reason="promote_to is not set")
     elif not may_promote(eval_reports):
@@ -35,4 +40,23 @@ def promote(eval_reports: list[EvalReport], promote_to: str | None = None) -> An
         result = Promotion(requested=promote_to, stage=promote_to, reason="every candidate passed its gate")
     logger.info("promotion: %s (%s)", result.stage or "not promoted", result.reason)
     registry.record({"promotion": result.model_dump()})
-    return result
+    history = registry.model_history(model_name) if model_name else ModelHistory(model="(none)", versions=[])
+    # the run's Metadata tab in the dashboard: the headline results, the stage, which version holds them
+    version = get_step_context().model_version
+    summary = (
+        registry.headline({"evaluation": registry.evaluation_summary(eval_reports[0])})
+        if len(eval_reports) == 1
+        else {}
+    )
+    log_metadata(
+        metadata={
+            **{k: v for k, v in summary.items() if v is not None},
+            "candidates": len(eval_reports),
+            "gates_passed": sum(r.gate_passed for r in eval_reports),
+            "stage": result.stage or "",
+            "model_version": f"{model_name} #{version.number}" if version is not None else "",
+            "carried_over": carried,
+        },
+        run_id_name_or_prefix=str(get_step_context().pipeline_run.id),
+    )
+    return result, history

@@ -33,13 +33,17 @@ def main(config_path: str, out_path: str) -> None:
 
     run = Client().get_pipeline_run(run.id)
     mv = run.model_version
-    steps = {}
+    steps, visualizations = {}, {}
     for name, step in run.steps.items():
         steps[name] = {
             "status": str(step.status.value),
             "inputs": {k: [str(a.id) for a in v] for k, v in step.inputs.items()},
             "outputs": {k: [str(a.id) for a in v] for k, v in step.outputs.items()},
         }
+        for name, versions in step.outputs.items():  # the HTML visualizations, as files in the artifact store
+            html_files = [v.uri for v in versions[0].visualizations or [] if str(v.type.value).lower() == "html"]
+            if html_files:
+                visualizations[name] = html_files
     report = {
         "run_id": str(run.id),
         "run_name": run.name,
@@ -47,6 +51,7 @@ def main(config_path: str, out_path: str) -> None:
         "url": dashboard_utils.get_run_url(run),
         "store_url": Client().zen_store.url,
         "steps": steps,
+        "visualizations": visualizations,
         "model_version": None
         if mv is None
         else {

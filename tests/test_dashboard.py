@@ -32,7 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "outputs" / "dashboard"
 STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
 ARTIFACTS = ["raw_dataset", "clean_dataset", "validation_report", "train_dataset", "eval_dataset", "adapter"]
-ARTIFACTS += ["train_metrics", "eval_report", "merged_model", "upload_bundle", "push_result", "promotion"]
+ARTIFACTS += [
+    "train_metrics",
+    "eval_report",
+    "merged_model",
+    "upload_bundle",
+    "push_result",
+    "promotion",
+    "model_history",
+]
 CHROMIUM = find_chromium()
 
 
@@ -214,7 +222,7 @@ def test_dashboard_shows_the_run_and_its_training_report(chromium, server, run_r
         while "<svg" not in srcdoc and time.monotonic() < deadline:
             time.sleep(0.5)
             srcdoc = browser.eval("(document.querySelector('iframe') || {}).srcdoc || ''")
-        assert "<svg" in srcdoc and "polyline" in srcdoc and "final_eval_loss" in srcdoc
+        assert "<svg" in srcdoc and "polyline" in srcdoc and "optimizer step" in srcdoc and "nats/token" in srcdoc
         frame = browser.eval(
             "(() => { const r = document.querySelector('iframe').getBoundingClientRect();"
             " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
@@ -223,10 +231,70 @@ def test_dashboard_shows_the_run_and_its_training_report(chromium, server, run_r
         time.sleep(1)
         report_png = browser.screenshot(SHOTS / "train_metrics.png")
 
-    for png in (run_png, report_png):
+        # What the open-source dashboard has instead of a Models page: the run's Metadata tab and the
+        # model_history artifact written by promote.
+        browser.goto(run_report["url"])
+        browser.wait_for_text(run_report["run_name"], "model_history", timeout=60)
+        browser.click_text("Metadata", selector="button, [role=tab], a")
+        browser.wait_for_text("tuned_loss", "stage", "model_version", timeout=30)
+        time.sleep(1)
+        metadata_png = browser.screenshot(SHOTS / "run_metadata.png")
+        browser.goto(run_report["url"])
+        browser.wait_for_text("model_history", timeout=60)
+        time.sleep(1)
+        node = browser.eval(
+            "(() => { const n = [...document.querySelectorAll('.react-flow__node')]"
+            ".find(e => e.innerText.trim().startsWith('model_history'));"
+            " const r = n.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        browser.click_at(*node)
+        browser.wait_for_text("Producer Step", timeout=30)
+        browser.click_text("Visualization")
+        browser.wait_for_text("Load Preview", timeout=30)
+        browser.click_text("data_v2.json")
+        browser.click_text("report.html", selector="[role=option]")
+        browser.click_text("Load Preview")
+        deadline = time.monotonic() + 30
+        srcdoc = ""
+        while "newest first" not in srcdoc and time.monotonic() < deadline:
+            time.sleep(0.5)
+            srcdoc = browser.eval("(document.querySelector('iframe') || {}).srcdoc || ''")
+        assert "newest first" in srcdoc and "staging" in srcdoc and "#1" in srcdoc
+        time.sleep(1)
+        history_png = browser.screenshot(SHOTS / "model_history_dashboard.png")
+
+    for png in (run_png, report_png, metadata_png, history_png):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert (width, height) == (1600, 1000)
         assert len(data) > 50_000, f"{png} is suspiciously small for a rendered page"
-    print(f"screenshots: {run_png} {report_png}")
+    print(f"screenshots: {run_png} {report_png} {metadata_png} {history_png}")
+
+
+# What each report must show a person (issue: reports readable at a glance), checked in the rendered page.
+REPORTS = {
+    "validation_report": ["guards against", "parameters", "leakage"],
+    "train_metrics": ["optimizer step", "loss (nats/token)", "held-out loss, trainer's eval", "tokens/s"],
+    "eval_report": ["rows it covers", "generated answers", "exact"],
+    "train_dataset": ["prompt masked from the loss"],
+    "model_history": ["newest first", "staging"],
+    "promotion": ["every candidate passed its gate"],
+    "push_result": ["Push (dry_run)"],
+}
+
+
+def test_every_report_renders_readably_in_a_browser(chromium, run_report):
+    """Each HTML visualization the run stored, opened in Chromium as the dashboard's preview shows it: its key
+    content is there, and a screenshot of each lands in outputs/dashboard/<artifact>.png."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pages = run_report["visualizations"]
+    assert set(REPORTS) <= set(pages), sorted(pages)
+    with Browser(chromium, width=1280, height=900) as browser:
+        for name, needles in REPORTS.items():
+            browser.goto(Path(pages[name][-1]).resolve().as_uri())
+            browser.wait_for_text(*needles, timeout=30)
+            png = browser.screenshot(SHOTS / f"{name}.png")
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = (Path(pages["model_history"][-1])).read_text()
+    assert "#1" in history  # the run's own version is listed

@@ -1,12 +1,13 @@
 """The seven steps through a real ZenML store (temporary SQLite + local artifact store), on the tiny model."""
 
 import json
+import logging
 
 import pytest
 from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 from zenml import Model
 from zenml.client import Client
-from zenml.enums import ExecutionStatus
+from zenml.enums import ExecutionStatus, ModelStages
 
 from core.config import validate_config
 
@@ -50,10 +51,19 @@ def _statuses(run):
     return {name: run.steps[name].status for name in STEPS if name in run.steps}
 
 
-def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(setup):
+def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(setup, capfd, recwarn, caplog):
     root, raw = setup
+    caplog.set_level(logging.INFO, logger="core.training.trainer")
     first = _run(raw)
     assert _statuses(first) == dict.fromkeys(STEPS, ExecutionStatus.COMPLETED)
+    # a quiet console: one progress line per logging step, no raw trainer dicts, no repeated library warnings
+    out, err = capfd.readouterr()
+    progress = [m for m in caplog.messages if m.startswith("step ") and "tokens/s" in m and "ETA" in m]
+    assert len(progress) == 8 and progress[-1].startswith("step 8/8")
+    assert "{'loss'" not in out + err and "'train_runtime'" not in out + err
+    noisy = [str(w.message) for w in recwarn if "Could not find a config file" in str(w.message)]
+    noisy += [str(w.message) for w in recwarn if "gradient_checkpointing" in str(w.message)]
+    assert not noisy, noisy
 
     run = Client().get_pipeline_run(first.id)
     # lineage: every step's output is an artifact version of this run, linked to the model version
@@ -79,7 +89,23 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     assert "README.md" in bundle.files() and "config.json" in bundle.files()
 
     second = _run(raw)
-    assert _statuses(second) == dict.fromkeys(STEPS, ExecutionStatus.CACHED)
+    # every step a cache hit but promote, which records each run's model version (never cached)
+    assert _statuses(second) == dict.fromkeys(STEPS, ExecutionStatus.CACHED) | {"promote": ExecutionStatus.COMPLETED}
+    # no empty model version: the cached run's version holds the adapter, the scores, the push and the stage
+    second_run = Client().get_pipeline_run(second.id)
+    latest = Client().get_model_version("tiny-qlora", ModelStages.LATEST)
+    assert latest.id == second_run.model_version.id and latest.number == mv.number + 1
+    assert latest.stage == "staging"
+    assert latest.run_metadata["evaluation"] == mv.run_metadata["evaluation"]
+    assert {"training", "push"} <= set(latest.run_metadata)
+    assert "adapter" in latest.model_artifact_ids and "eval_report" in latest.data_artifact_ids
+    history = second_run.steps["promote"].outputs["model_history"][0].load()
+    assert [v.number for v in history.versions] == [mv.number, latest.number]
+    assert history.versions[-1].stage == "staging" and history.versions[-1].scores["gate_passed"] is True
+    assert history.versions[-1].scores["tuned_loss"] == pytest.approx(report.tuned.loss)
+    run_meta = second_run.run_metadata  # the run's Metadata tab
+    assert run_meta["stage"] == "staging" and {"evaluation", "training", "push"} <= set(run_meta["carried_over"])
+    assert run_meta["tuned_loss"] == pytest.approx(report.tuned.loss)
 
     rows = instruction_rows(40)
     # Every other answer changes: 8 steps see 32 of the 40 rows (packed in length order), so one changed row
@@ -91,7 +117,7 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     assert _statuses(third) == dict.fromkeys(STEPS, ExecutionStatus.COMPLETED)
     # the new candidate was gated against the staging version too, on the same eval data
     third_report = Client().get_pipeline_run(third.id).steps["evaluate"].outputs["eval_report"][0].load()
-    assert "staging (version 1)" in third_report.reference_name
+    assert f"staging (version {latest.number})" in third_report.reference_name
 
 
 def test_training_setting_change_reruns_only_train_onwards(setup):

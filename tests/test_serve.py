@@ -279,6 +279,10 @@ def test_deployment_answers_switches_and_survives_bad_requests(deployment, tiny_
     bad = invoke(url, prompt=QUESTION, adapter="nope", max_new_tokens=4).json()
     assert not bad["success"] and "unknown adapter 'nope'; known adapters: base, default, prices" in bad["error"]
     assert bad["metadata"]["run_id"] is None  # refused before any pipeline run was made
+    # /submit (the background variant) checks requests the same way: HTTP 400 with the reason, no run id
+    submitted = requests.post(url + "/submit", json={"parameters": {"prompt": QUESTION, "adapter": "nope"}}, timeout=60)
+    assert submitted.status_code == 400, submitted.text
+    assert "unknown adapter 'nope'; known adapters: base, default, prices" in submitted.json()["detail"]
     empty = invoke(url, prompt="   ", max_new_tokens=4).json()
     assert not empty["success"] and "prompt: must not be empty" in empty["error"]
     long = invoke(url, prompt="word " * 100, max_new_tokens=4).json()

@@ -15,10 +15,11 @@ sides and adding rows does not reshuffle earlier ones.
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from typing import Any
 
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, DatasetInfo, Features, List, Value
 
 from core.config import PromptConfig
 from core.prompts import IGNORE, render, use_chat_template, with_system
@@ -108,7 +109,13 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
             f"{len(overlong)} row(s) longer than prompt.max_seq_len={cfg.max_seq_len} tokens "
             f"(prompt.overlong is 'fail'): {', '.join(overlong[:5])}"
         )
-    train, held_out = (Dataset.from_dict(out[s], features=FEATURES) for s in ("train", "eval"))
+    # The tokenizer's folder or Hub id rides along in the dataset's info (not in its content hash), so that the
+    # dataset preview (materializers/dataset_materializer.py) can show decoded text instead of id lists.
+    description = json.dumps({"tokenizer": tokenizer.name_or_path})
+    train, held_out = (
+        Dataset.from_dict(out[s], features=FEATURES, info=DatasetInfo(description=description, features=FEATURES))
+        for s in ("train", "eval")
+    )
     if len(train) == 0 or len(held_out) == 0:
         raise ValueError(
             f"after formatting: {len(train)} train and {len(held_out)} eval rows; both splits need rows "

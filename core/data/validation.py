@@ -77,6 +77,8 @@ class ExpectationResult(BaseModel):
     example_ids: list[str] = Field(default_factory=list)  # ids of offending rows, up to max_examples
     dropped: int = 0  # rows removed because of this expectation (policy drop); a row can count under several
     error: str = ""  # GE's exception message when the expectation could not be evaluated
+    parameters: str = ""  # its bounds, set or pattern, as shown in the report
+    guards: str = ""  # what a failure means
 
 
 class ValidationReport(HtmlReport):
@@ -104,14 +106,17 @@ class ValidationReport(HtmlReport):
             [
                 r.expectation,
                 r.column or "(table)",
+                r.parameters,
+                r.guards,
                 "pass" if r.success else "FAIL",
-                f"{r.unexpected_count} of {r.element_count} {r.unit}" if r.element_count else r.error or "",
+                f"{r.unexpected_count:,} of {r.element_count:,} {r.unit}" if r.element_count else r.error or "",
                 ", ".join(r.example_ids),
                 r.dropped,
             ]
             for r in sorted(self.results, key=lambda r: r.success)  # failures first
         ]
-        details = html_table(["expectation", "column", "result", "unexpected", "example rows", "dropped"], rows)
+        head = ["expectation", "column", "parameters", "guards against", "result", "failing", "example rows", "dropped"]
+        details = html_table(head, rows)
         return f"<h3>Data validation</h3>{summary}<br>{details}"
 
 
@@ -146,6 +151,24 @@ def flatten(ds: Dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
 Check = tuple[pd.DataFrame, list[Any], dict[str, Any]]
 
 
+def guards(what: str, **meta: str) -> dict[str, str]:
+    """An expectation's `meta`: what a failure of it means, shown in the report next to its parameters."""
+    return {"guards": what, **meta}
+
+
+def parameters(kwargs: dict[str, Any]) -> str:
+    """An expectation's parameters as a person reads them: bounds, sets, patterns; long sets by size."""
+    shown = []
+    for key, value in kwargs.items():
+        if key in ("column", "result_format", "batch_id", "meta") or value is None:
+            continue
+        if isinstance(value, (list, set)) and len(value) > 6:
+            shown.append(f"{key}: {len(value):,} values")
+        else:
+            shown.append(f"{key}={value!r}")
+    return ", ".join(shown)
+
+
 def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
     """The frames to validate and their expectations, by name; the name is also the unit the counts count.
 
@@ -154,8 +177,10 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
     # GE is imported here, not at the top: it takes seconds, and the pipeline imports every step to compile.
     import great_expectations.expectations as gxe
 
-    schema = [gxe.ExpectColumnToExist(column=c) for c in REQUIRED_COLUMNS]
-    schema.append(gxe.ExpectTableRowCountToBeBetween(min_value=1))
+    schema = [
+        gxe.ExpectColumnToExist(column=c, meta=guards("the canonical schema ingest writes")) for c in REQUIRED_COLUMNS
+    ]
+    schema.append(gxe.ExpectTableRowCountToBeBetween(min_value=1, meta=guards("an empty dataset")))
     if any(c not in ds.column_names for c in REQUIRED_COLUMNS):
         # Nothing to derive from: check only the schema, over a frame with the dataset's shape.
         return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
@@ -163,29 +188,53 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
     rows, turns = flatten(ds)
     lengths = {"min_value": cfg.min_chars, "max_value": cfg.max_chars}
     on_rows = schema + [
-        gxe.ExpectColumnValuesToNotBeNull(column="id"),
-        gxe.ExpectColumnValuesToNotBeNull(column="split"),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
-        gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ROLE_SEQUENCE),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", **lengths),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="response", **lengths),
-        gxe.ExpectColumnValuesToBeUnique(column="messages"),
+        gxe.ExpectColumnValuesToNotBeNull(column="id", meta=guards("rows that errors could not name")),
+        gxe.ExpectColumnValuesToNotBeNull(column="split", meta=guards("rows with no train/eval assignment")),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="split", value_set=list(SPLITS), meta=guards("a split name other than train, eval or unassigned")
+        ),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="roles",
+            regex=ROLE_SEQUENCE,
+            meta=guards("conversations that do not end in an assistant turn to learn (or start with one)"),
+        ),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", **lengths, meta=guards("empty or runaway prompts")),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="response", **lengths, meta=guards("empty or runaway answers (the training target)")
+        ),
+        gxe.ExpectColumnValuesToBeUnique(column="messages", meta=guards("the same conversation trained twice")),
     ]
     on_turns = [
-        gxe.ExpectColumnValuesToNotBeNull(column="messages.content"),
-        gxe.ExpectColumnValuesToMatchRegex(column="messages.content", regex=NOT_BLANK),
-        gxe.ExpectColumnValuesToNotMatchRegex(column="messages.content", regex=CONTROL_CHARS),
-        gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="messages.content", regex_list=MOJIBAKE, meta={"hint": MOJIBAKE_HINT}
+        gxe.ExpectColumnValuesToNotBeNull(column="messages.content", meta=guards("a turn with no text")),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="messages.content", regex=NOT_BLANK, meta=guards("a turn that is empty or only whitespace")
         ),
-        gxe.ExpectColumnValuesToBeInSet(column="messages.role", value_set=list(ROLES)),
+        gxe.ExpectColumnValuesToNotMatchRegex(
+            column="messages.content",
+            regex=CONTROL_CHARS,
+            meta=guards("control characters or U+FFFD: binary junk or a decoding error upstream"),
+        ),
+        gxe.ExpectColumnValuesToNotMatchRegexList(
+            column="messages.content",
+            regex_list=MOJIBAKE,
+            meta=guards("mojibake: UTF-8 text decoded as Latin-1/cp1252", hint=MOJIBAKE_HINT),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="messages.role", value_set=list(ROLES), meta=guards("a role the chat template cannot render")
+        ),
     ]
     # Leakage: an eval prompt that is also trained on makes eval loss and ROUGE look better than they are.
     # Its own run over the eval rows, with the train prompts as a suite parameter: GE copies an expectation's
     # kwargs many times per run (about 7 s for 45k train prompts), so keep the big set out of the other suites.
     eval_rows = rows.loc[rows["split"] == "eval", ["id", "prompt"]]
     train_prompts = sorted(set(rows.loc[rows["split"] == "train", "prompt"].dropna()))
-    on_eval = [gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "train_prompts"})]
+    leakage = guards(
+        "leakage: an eval prompt that is also trained on (flatters eval loss and ROUGE)",
+        parameters=f"value_set: the {len(train_prompts):,} train prompts",
+    )
+    on_eval = [
+        gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "train_prompts"}, meta=leakage)
+    ]
     return {
         "rows": (rows, on_rows, {}),
         "turns": (turns, on_turns, {}),
@@ -260,6 +309,8 @@ def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, Valid
                 element_count=detail.get("element_count") or 0,
                 unexpected_count=detail.get("unexpected_count") or 0,
                 error=(res.exception_info or {}).get("exception_message") or "",
+                parameters=(config.meta or {}).get("parameters") or parameters(config.kwargs),
+                guards=(config.meta or {}).get("guards", ""),
             )
             results.append(item)
             if item.success:

@@ -223,27 +223,23 @@ def cpu_flags() -> list[str]:
     return [f for f in KERNEL_FLAGS if f in have]
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (a pod's CPU limit).
 
     os.cpu_count() and torch's default thread count see the machine's cores, not the container's share.
     """
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for path, parse in (
-        ("/sys/fs/cgroup/cpu.max", lambda t: t.split()),  # cgroup v2: "<quota> <period>" or "max <period>"
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None),  # cgroup v1: quota, then period in a second file
-    ):
-        try:
-            text = Path(path).read_text().strip()
+    quota = period = None
+    try:  # cgroup v2: "<quota> <period>", or "max <period>" for no limit
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1: the quota (-1: no limit) and the period, in two files
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
         except OSError:
-            continue
-        if parse is not None:
-            quota, period = parse(text)
-        else:
-            quota, period = text, Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
-        if quota not in ("max", "-1") and int(period) > 0:
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-        break
+            pass
+    if quota not in (None, "max", "-1") and int(period) > 0:
+        count = min(count, max(1, math.ceil(int(quota) / int(period))))
     return max(1, count)
 
 

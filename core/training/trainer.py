@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from core import models
 from core.artifacts import ModelFolder
@@ -116,6 +117,25 @@ def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, grad
     return peft_model
 
 
+@contextlib.contextmanager
+def local_base_name(peft_model, model: ModelSource):
+    """While training, the adapter config names the base by its local folder when it has one (bundled, local).
+
+    Every checkpoint save asks whether the base's vocabulary changed (peft's save_embedding_layers="auto"): with
+    the public Hub name (what the bundled model records) that is a Hub lookup, offline a failed one and a warning
+    per checkpoint; with the local folder it reads the local config.json. The public name is back for the final
+    save, which the adapter ships with.
+    """
+    config = peft_model.peft_config["default"]
+    public = config.base_model_name_or_path
+    if model.source != "hub":
+        config.base_model_name_or_path = models.resolve_model(model)
+    try:
+        yield
+    finally:
+        config.base_model_name_or_path = public
+
+
 def sft_args(
     cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False
 ):
@@ -179,6 +199,8 @@ def make_sft_trainer(model, args, train_ds, eval_ds, tokenizer, dtype, labels_on
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
     )
+    # With tqdm off, transformers prints every raw log dict; ProgressLog writes one readable line per log instead.
+    trainer.remove_callback(PrinterCallback)
     if dtype != torch.bfloat16:
         # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
         # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
@@ -189,32 +211,41 @@ def make_sft_trainer(model, args, train_ds, eval_ds, tokenizer, dtype, labels_on
 
 
 class ProgressLog(TrainerCallback):
-    """Loss, learning rate and real tokens/s at every logging step; keeps the curves."""
+    """Loss, learning rate, real tokens/s and time left at every logging step, one line each; keeps the curves."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.tokens_at_start: int | None = None
+        self.steps_at_start = 0
+        self.console_lines = 20  # about this many progress lines per run, whatever logging_steps is
         self.loss_curve: list[tuple[int, float]] = []
         self.eval_curve: list[tuple[int, float]] = []
 
     def on_train_begin(self, args, state, control, **kw):
         self.start = time.perf_counter()
         self.tokens_at_start = state.num_input_tokens_seen
+        self.steps_at_start = state.global_step  # a resumed run starts past 0
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
         if "loss" in logs:
             self.loss_curve.append((state.global_step, float(logs["loss"])))
-            seen = state.num_input_tokens_seen - (self.tokens_at_start or 0)
-            rate = seen / max(time.perf_counter() - self.start, 1e-9)
-            logger.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.1f tokens/s",
-                state.global_step,
-                state.max_steps,
-                logs["loss"],
-                logs.get("learning_rate", 0.0),
-                rate,
-            )
+            every = max(1, state.max_steps // self.console_lines)  # every step stays on the curve
+            if state.global_step % every == 0 or state.global_step in (1, state.max_steps):
+                elapsed = max(time.perf_counter() - self.start, 1e-9)
+                rate = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / elapsed
+                done = max(state.global_step - self.steps_at_start, 1)
+                eta = elapsed / done * max(state.max_steps - state.global_step, 0)
+                logger.info(
+                    "step %d/%d  loss %.4f  lr %.2e  %.1f tokens/s  ETA %d:%02d",
+                    state.global_step,
+                    state.max_steps,
+                    logs["loss"],
+                    logs.get("learning_rate", 0.0),
+                    rate,
+                    eta // 60,
+                    eta % 60,
+                )
         if "eval_loss" in logs:
             self.eval_curve.append((state.global_step, float(logs["eval_loss"])))
             logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
@@ -303,7 +334,7 @@ def train_adapter(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with no_hub_lookups():
+    with no_hub_lookups(), local_base_name(peft_model, model):
         trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
     seconds = time.perf_counter() - started
     final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
