@@ -23,8 +23,6 @@ TORCH_INDEX ?=
 export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
-# OpenMP waiters sleep instead of spinning: two runs sharing the cores stay about 2x, not 5.6x (core/__init__.py)
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run test lint dashboard schedule serve unserve browser clean
 

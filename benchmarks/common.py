@@ -20,8 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import core  # noqa: E402, F401  (before torch loads: the project's OpenMP wait policy, core/__init__.py)
-
 # Llama shapes with random weights, built by core.tiny.build_tiny_model as overrides of its tiny config (nothing
 # downloaded). Vocabulary as the real models'.
 LLAMA_SHAPES = {

@@ -5,10 +5,11 @@
 
 Each run is benchmarks/train_throughput.py's `ours` row (the pipeline's train step on identical seeded data), in
 its own process, as a schedule overlapping a manual run, or two sweep pods on one node, would be. Rows:
-- `alone`: one run, the project's settings;
-- `N at once, passive`: N runs started together with OMP_WAIT_POLICY=PASSIVE (the project's setting,
-  core/__init__.py): OpenMP threads that wait at a barrier sleep;
-- `N at once, active`: the same with OMP_WAIT_POLICY=ACTIVE, waiting threads spin, as libgomp's default lets them.
+- `alone`: one run, with OMP_WAIT_POLICY=PASSIVE;
+- `N at once, passive`: N runs started together with OMP_WAIT_POLICY=PASSIVE: OpenMP threads that wait at a
+  barrier sleep;
+- `N at once, active`: the same with OMP_WAIT_POLICY=ACTIVE: waiting threads spin, as libgomp lets them by
+  default (what a run gets unless the variable is set).
 Per row: wall seconds from the first start to the last end, its ratio to `alone`, and each run's real tokens/s and
 held-out loss after training (identical runs must reach identical losses). Sharing the cores ideally costs about
 N x one run (the work is N times larger); much more means the processes fight over the cores.

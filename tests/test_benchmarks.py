@@ -30,7 +30,8 @@ TRAIN_FIELDS = {
 
 def test_train_throughput_smoke_rows(tmp_path):
     out = tmp_path / "train.json"
-    command = [sys.executable, str(TRAIN_BENCH), "--preset", "smoke", "--rows", "tutorial,ours", "--steps", "2"]
+    rows_wanted = "tutorial,ours,ref-dequantized"
+    command = [sys.executable, str(TRAIN_BENCH), "--preset", "smoke", "--rows", rows_wanted, "--steps", "2"]
     # One thread: the tiny model's ops are too small to share, and two threads wait on each other when the CPU is busy
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -43,7 +44,7 @@ def test_train_throughput_smoke_rows(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["row"] for r in rows] == ["tutorial", "ours"]
+    assert [r["row"] for r in rows] == ["tutorial", "ours", "ref-dequantized"]
     for r in rows:
         assert TRAIN_FIELDS <= r.keys(), TRAIN_FIELDS - r.keys()
         assert r["device"].startswith("cpu") and r["workload"] == "chat" and r["steps"] == 2
@@ -51,7 +52,12 @@ def test_train_throughput_smoke_rows(tmp_path):
         assert r["peak_mem_bytes"] > 100 * 2**20  # the row's own process: torch + model, in bytes
         assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
         assert r["mfu"] is None  # CUDA only
-    tutorial, ours = rows
+    tutorial, ours, reference = rows
+    # ours trains exactly like its reference, the same base with the 4-bit weights dequantized to fp32
+    assert reference["first_loss"] == pytest.approx(ours["first_loss"], rel=1e-5)
+    assert reference["last_loss"] == pytest.approx(ours["last_loss"], rel=1e-4)
+    assert ours["compute_settings"]["float32_matmul_precision"] == "highest"
+    assert "settings: torch" in proc.stdout  # the header names what decides the numbers
     # identical data and initial adapter: the same held-out loss before training, then about as many tokens trained
     assert abs(tutorial["first_loss"] - ours["first_loss"]) < 1e-4
     assert 0.5 < ours["train_tokens"] / tutorial["train_tokens"] < 2

@@ -50,16 +50,3 @@ def test_fp32_training_pins_full_precision_matmuls():
         assert {"cpu_flags", "bnb_cpu_inference_layout", "torch_threads", "usable_cpus"} <= set(settings)
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-def test_the_project_sets_a_passive_openmp_wait_policy_unless_told_otherwise():
-    import subprocess
-    import sys
-
-    code = "import os, core; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
