@@ -188,6 +188,29 @@ def chromium() -> str:
     return CHROMIUM
 
 
+def open_report(browser, artifact: str, needle: str) -> str:
+    """On a run's DAG page: click `artifact`, open its HTML report (report.html) and load it, as a person would;
+    returns the rendered report's HTML once it contains `needle` (or whatever it has after 30 s)."""
+    node = browser.eval(
+        "(() => { const n = [...document.querySelectorAll('.react-flow__node')]"
+        f".find(e => e.innerText.trim().startsWith({artifact!r}));"
+        " const r = n.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+    )
+    browser.click_at(*node)
+    browser.wait_for_text("Producer Step", timeout=30)
+    browser.click_text("Visualization")
+    browser.wait_for_text("Load Preview", timeout=30)
+    browser.click_text("data_v2.json")  # the visualization picker; the HTML report is the second entry
+    browser.click_text("report.html", selector="[role=option]")
+    browser.click_text("Load Preview")  # the dashboard asks before rendering HTML
+    deadline = time.monotonic() + 30
+    srcdoc = ""
+    while needle not in srcdoc and time.monotonic() < deadline:
+        time.sleep(0.5)
+        srcdoc = browser.eval("(document.querySelector('iframe') || {}).srcdoc || ''")
+    return srcdoc
+
+
 def test_dashboard_shows_the_run_and_its_training_report(chromium, server, run_report):
     url, _ = server
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -205,23 +228,7 @@ def test_dashboard_shows_the_run_and_its_training_report(chromium, server, run_r
         run_png = browser.screenshot(SHOTS / "run.png")
 
         # The training report (loss curve): click the artifact in the DAG, as a person would.
-        node = browser.eval(
-            "(() => { const n = [...document.querySelectorAll('.react-flow__node')]"
-            ".find(e => e.innerText.trim().startsWith('train_metrics'));"
-            " const r = n.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        browser.click_at(*node)
-        browser.wait_for_text("Producer Step", timeout=30)
-        browser.click_text("Visualization")
-        browser.wait_for_text("Load Preview", timeout=30)
-        browser.click_text("data_v2.json")  # the visualization picker; the HTML report is the second entry
-        browser.click_text("report.html", selector="[role=option]")
-        browser.click_text("Load Preview")  # the dashboard asks before rendering HTML
-        deadline = time.monotonic() + 30
-        srcdoc = ""
-        while "<svg" not in srcdoc and time.monotonic() < deadline:
-            time.sleep(0.5)
-            srcdoc = browser.eval("(document.querySelector('iframe') || {}).srcdoc || ''")
+        srcdoc = open_report(browser, "train_metrics", "<svg")
         assert "<svg" in srcdoc and "polyline" in srcdoc and "optimizer step" in srcdoc and "nats/token" in srcdoc
         frame = browser.eval(
             "(() => { const r = document.querySelector('iframe').getBoundingClientRect();"
@@ -242,23 +249,7 @@ def test_dashboard_shows_the_run_and_its_training_report(chromium, server, run_r
         browser.goto(run_report["url"])
         browser.wait_for_text("model_history", timeout=60)
         time.sleep(1)
-        node = browser.eval(
-            "(() => { const n = [...document.querySelectorAll('.react-flow__node')]"
-            ".find(e => e.innerText.trim().startsWith('model_history'));"
-            " const r = n.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        browser.click_at(*node)
-        browser.wait_for_text("Producer Step", timeout=30)
-        browser.click_text("Visualization")
-        browser.wait_for_text("Load Preview", timeout=30)
-        browser.click_text("data_v2.json")
-        browser.click_text("report.html", selector="[role=option]")
-        browser.click_text("Load Preview")
-        deadline = time.monotonic() + 30
-        srcdoc = ""
-        while "newest first" not in srcdoc and time.monotonic() < deadline:
-            time.sleep(0.5)
-            srcdoc = browser.eval("(document.querySelector('iframe') || {}).srcdoc || ''")
+        srcdoc = open_report(browser, "model_history", "newest first")
         assert "newest first" in srcdoc and "staging" in srcdoc and "#1" in srcdoc
         time.sleep(1)
         history_png = browser.screenshot(SHOTS / "model_history_dashboard.png")
