@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -119,16 +118,25 @@ def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, grad
 
 @contextlib.contextmanager
 def local_base_name(peft_model, model: ModelSource):
-    """While training, the adapter config names the base by its local folder when it has one (bundled, local).
+    """While training, the adapter config names the base by its local folder: the bundled or local folder, or the
+    Hub model's snapshot in the local cache (the base was just loaded from it).
 
     Every checkpoint save asks whether the base's vocabulary changed (peft's save_embedding_layers="auto"): with
-    the public Hub name (what the bundled model records) that is a Hub lookup, offline a failed one and a warning
-    per checkpoint; with the local folder it reads the local config.json. The public name is back for the final
-    save, which the adapter ships with.
+    a Hub name that is a Hub lookup per checkpoint, offline a failed one and a warning; with a local folder it
+    reads the local config.json. The public name is back for the final save, which the adapter ships with.
     """
     config = peft_model.peft_config["default"]
     public = config.base_model_name_or_path
-    if model.source != "hub":
+    if model.source == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            config.base_model_name_or_path = snapshot_download(
+                model.name, revision=model.revision, allow_patterns=["config.json"], local_files_only=True
+            )
+        except Exception:  # not in the local cache after all: keep the Hub name (one lookup per checkpoint)
+            pass
+    else:
         config.base_model_name_or_path = models.resolve_model(model)
     try:
         yield
@@ -251,23 +259,6 @@ class ProgressLog(TrainerCallback):
             logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
 
 
-@contextlib.contextmanager
-def no_hub_lookups():
-    """While training: peft's checkpoint saves ask the Hub whether the base model's vocabulary changed
-    (save_embedding_layers="auto"; the bundled model records its Hub name). This step never resizes or trains
-    the embeddings, and offline each lookup is a failed connection and a warning per checkpoint. peft reads
-    HF_HUB_OFFLINE at call time; huggingface_hub read it at import, so nothing else changes."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
-
-
 def train_adapter(
     train_ds: Dataset,
     eval_ds: Dataset,
@@ -334,7 +325,7 @@ def train_adapter(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with no_hub_lookups(), local_base_name(peft_model, model):
+    with local_base_name(peft_model, model):
         trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
     seconds = time.perf_counter() - started
     final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
