@@ -3,6 +3,11 @@
 # make dashboard   open ZenML's dashboard on this project's local store
 # make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
 #                  cannot schedule, says so and prints the cron line to use instead
+# make gguf-setup  llama.cpp for GGUF export (quantized Q8_0 / Q4_K_M, checked in llama.cpp): the `gguf`
+#                  extra (builds llama.cpp, ~13 min the first time) and llama.cpp's converter
+# make test-gguf   only the tests that need it (pytest -m gguf: tests/test_gguf_llamacpp.py)
+# make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
+#                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
 # make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
 #                  on 127.0.0.1; make unserve stops it (see README "Serving")
 #
@@ -13,6 +18,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/default.yaml
+# a ZenML stack to run on (make run STACK=local-mlflow); empty: the active stack
+STACK ?=
 SCHEDULE ?= configs/schedule_weekly.yaml
 SERVE_CONFIG ?= configs/serve.yaml
 SERVE_NAME ?= lora-chat
@@ -24,7 +31,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule serve unserve browser clean
+.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf tracking mlflow-ui
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +47,7 @@ setup: $(BIN)/.installed
 	@test -d .zen || $(BIN)/zenml init >/dev/null
 
 run: setup
-	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(CONFIG)
+	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(CONFIG) $(if $(STACK),--stack $(STACK))
 	$(BIN)/python -m cli.summary
 
 # tests/test_dashboard.py drives a headless Chromium and skips without one. When it is missing and
@@ -53,6 +60,26 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+$(BIN)/.gguf: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[dev,gguf]"
+	$(BIN)/python -m core.llamacpp install-converter
+	touch $@
+
+gguf-setup: $(BIN)/.gguf
+
+test-gguf: gguf-setup
+	$(BIN)/python -m pytest -q -m gguf
+
+$(BIN)/.tracking: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[dev,tracking]"
+	touch $@
+
+tracking: $(BIN)/.tracking setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/mlflow.sh
+
+mlflow-ui: tracking
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m core.tracking uri)" --host 127.0.0.1 --port 5000
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,9 +11,14 @@ One run, one machine, sequentially (never both at once). Rows:
 - `deployment`: POST /invoke on pipelines/serve_pipeline.py deployed with ZenML's local deployer on 127.0.0.1;
   each request is a ZenML pipeline run whose outputs are stored as artifacts (ZenML's default).
 - `deployment-in-memory`: the same with `skip_artifact_materialization: true` (outputs kept in memory).
+- `openai, N clients` (N = 1, 4, 8): POST /v1/chat/completions on the same deployment with the official `openai`
+  client, N client threads each sending its next request as soon as its last one is answered (closed loop), every
+  client answering every prompt once. Requests that arrive together are generated in one batch
+  (core/batching.py); `openai, 1 client` is the sequential baseline of the concurrent rows.
 Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
 Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
-all requests / the sum of their latencies). `same answers` checks the deployment's answers equal direct ones.
+all requests / the row's wall time from first request to last answer). `same answers` checks the deployment's
+answers equal direct ones (sequential rows; in a batch, padding may change the last digits of a logit).
 
 Presets (a temporary ZenML store is used, removed afterwards):
 - smoke: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, a LoRA adapter r=8 on all linear layers.
@@ -44,6 +49,7 @@ PRESETS = {
 }
 MODEL_NAME = "serve-bench"
 ROWS = ("direct", "deployment", "deployment-in-memory")
+CLIENTS = (1, 4, 8)  # concurrent OpenAI clients per row
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,8 +144,8 @@ def wait_healthy(url: str, timeout_s: float = 600) -> None:
     raise TimeoutError(f"{url} did not answer /health within {timeout_s:.0f} s")
 
 
-def summarize(name: str, latencies: list[float], tokens: list[int], answers: list[str]) -> dict:
-    total = sum(latencies)
+def summarize(name: str, latencies: list[float], tokens: list[int], answers: list[str], wall: float = 0) -> dict:
+    total = wall or sum(latencies)  # sequential rows: the sum of the latencies is the wall time
     return {
         "row": name,
         "requests": len(latencies),
@@ -191,6 +197,39 @@ def run_deployment(url: str, prompts: list[str], max_new_tokens: int, in_memory:
     return summarize("deployment-in-memory" if in_memory else "deployment", latencies, tokens, answers)
 
 
+def run_openai(url: str, prompts: list[str], max_new_tokens: int, clients: int) -> dict:
+    """`clients` threads, each asking every prompt once through the OpenAI client, in a closed loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    oa = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+
+    def ask(prompt: str) -> tuple[float, int, str]:
+        t = time.perf_counter()
+        reply = oa.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_new_tokens,
+            temperature=0,
+        )
+        return time.perf_counter() - t, reply.usage.completion_tokens, reply.choices[0].message.content.strip()
+
+    def client(offset: int) -> list[tuple[float, int, str]]:
+        return [ask(prompts[(offset + k) % len(prompts)]) for k in range(len(prompts))]
+
+    ask(prompts[0])  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    done = [r for per_client in results for r in per_client]
+    name = f"openai, {clients} client{'s' if clients > 1 else ''}"
+    row = summarize(name, [r[0] for r in done], [r[1] for r in done], [r[2] for r in results[0]], wall=wall)
+    row["clients"] = clients
+    return row
+
+
 def print_table(result: dict) -> None:
     rows = result["rows"]
     direct = next(r for r in rows if r["row"] == "direct")
@@ -206,8 +245,10 @@ def print_table(result: dict) -> None:
     )
     print("\n".join(common.format_table(head, cells, widths=[22, 8, 8, 8, 8, 7, 9, 14], align="<>>>>>>>", sep=" ")))
     for r in rows:
-        if r is not direct:
+        if "same_answers_as_direct" in r:
             print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
+        if "throughput_vs_sequential" in r and r["clients"] > 1:
+            print(f"{r['row']}: {r['throughput_vs_sequential']:.2f}x the tokens/s of 1 client")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -283,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
         wait_healthy(url)
         rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
         rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
+        for clients in CLIENTS:
+            rows.append(run_openai(url, prompts, max_new_tokens, clients))
     finally:
         try:
             client.delete_deployment(name, force=True)
@@ -290,7 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
             pass
         shutil.rmtree(scratch, ignore_errors=True)
     for r in rows[1:]:
-        r["same_answers_as_direct"] = r["answers"] == rows[0]["answers"]
+        if r.get("clients", 1) == 1:
+            r["same_answers_as_direct"] = r["answers"] == rows[0]["answers"]
+    sequential = next((r for r in rows if r.get("clients") == 1), None)
+    for r in rows:
+        if sequential and r.get("clients"):
+            r["throughput_vs_sequential"] = round(r["tokens_per_s"] / sequential["tokens_per_s"], 2)
     result = {
         "preset": preset_name,
         "model": model_desc,

@@ -65,6 +65,7 @@ class Workload:
     steps: int  # optimizer steps per row
     rows: tuple[str, ...] | None = None  # which rows run on this workload (None: all)
     sigma: float = 0.7  # lognormal shape of chat lengths
+    on_request: bool = False  # runs only when named in --workloads
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ PRESETS = {
         workloads=(
             Workload("chat", 128, 16, 512, steps=20),
             Workload("long", 512, 512, 512, steps=5, rows=("tutorial", "ours")),
+            # the default run's rows (data/acme_support: ~46 tokens, at most ~130): fits its 192-token micro-batches
+            # (--config-geometry); benchmarks/concurrent_runs.py trains on it
+            Workload("support", 46, 24, 160, steps=30, rows=("ours",), on_request=True),
         ),
         note="SmolLM2-135M-Instruct (bundled), fp32 compute",
     ),
@@ -453,11 +457,12 @@ def run_ours(spec: RowSpec, preset: Preset, train_ds, heldout_ds, meter, lengths
         off = techniques(train_cfg, lora_cfg, preset.cuda)[spec.row.removeprefix("ours-no-")]
         train_cfg = train_cfg.model_copy(update=off.get("train", {}))
         lora_cfg = lora_cfg.model_copy(update=off.get("lora", {}))
-    geometry = (
-        batch_geometry(preset, lengths, spec.steps)
-        if train_cfg.packing
-        else {"tokens_per_micro_batch": None, "micro_batch_size": preset.micro, "grad_accum": preset.accum}
-    )
+    if spec.extra.get("config_geometry"):  # the config's own micro-batches (e.g. the default run's 192 tokens)
+        geometry = {}
+    elif train_cfg.packing:
+        geometry = batch_geometry(preset, lengths, spec.steps)
+    else:
+        geometry = {"tokens_per_micro_batch": None, "micro_batch_size": preset.micro, "grad_accum": preset.accum}
     train_cfg = train_cfg.model_copy(
         update=dict(
             geometry,
@@ -638,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per row, overriding the preset (quick checks)")
     parser.add_argument("--workloads", help="comma-separated workloads (default: the preset's), e.g. chat")
     parser.add_argument("--config", type=Path, default=common.REPO / "configs" / "default.yaml", help="ours' settings")
+    parser.add_argument(
+        "--config-geometry",
+        action="store_true",
+        help="ours keeps the config's micro-batch and accumulation (default: the preset's, to match the tutorial)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU on unlisted GPUs")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -655,7 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg, lora_cfg = pipeline_settings(args.config)
     all_rows = row_names(train_cfg, lora_cfg, torch.cuda.is_available())
     wanted = common.pick(parser, "--rows", args.rows, all_rows)  # the rows this device and config have
+    on_request = [w.name for w in preset.workloads if w.on_request]
     names = common.pick(parser, "--workloads", args.workloads, [w.name for w in preset.workloads])
+    if not args.workloads:
+        names = [n for n in names if n not in on_request]
     workloads = [w for w in preset.workloads if w.name in names]
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -689,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                 out=str(row_dir / "result.json"),
                 work_dir=str(row_dir),
                 heldout_rows=preset.heldout_rows,
-                extra={"peak_tflops": args.peak_tflops} if args.peak_tflops else {},
+                extra={"peak_tflops": args.peak_tflops, "config_geometry": args.config_geometry},
             )
             (row_dir / "spec.json").write_text(json.dumps(asdict(spec)))
             started = time.perf_counter()

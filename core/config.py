@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -148,6 +148,10 @@ class TrainConfig(_Strict):
     # processes (one per GPU) the train step runs under accelerate with DDP; >1 needs that many GPUs
     # in the train step's pod (nvidia.com/gpu). Effective batch = micro_batch_size * grad_accum * num_processes.
     num_processes: int = Field(1, ge=1)
+    # CPU training only. auto: torch threads = the cores this process may use (affinity, a pod's CPU limit), lowered
+    # while other processes keep some of them busy and raised again when they stop: two runs at once then cost
+    # about 2x one run instead of ~10x (docs/performance.md). A number: exactly that many threads, never changed.
+    cpu_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
 
 
 class GateConfig(_Strict):
@@ -217,7 +221,37 @@ class ExportConfig(_Strict):
     check_rows: int = Field(4, ge=1)  # eval rows whose logits are compared after loading the file back
     # largest allowed |GGUF - merged| logit difference, as a fraction of max |logit|. An f16 merge is stored
     # exactly (0.0 measured); a bf16 merge loses a little in f16 (bf16 values under ~6e-5 lose precision)
+    # (the built-in writer's check; llama.cpp's files are checked by answers and perplexity instead)
     logit_rtol: float = Field(1e-2, gt=0)
+    # Files to ship: f16 (~2 bytes/param), q8_0 (~1.06), q4_k_m (~0.6, what most Ollama users pull; some quality
+    # lost). The Modelfile points at the first. Quantized types need llama.cpp (make gguf-setup).
+    types: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16"], min_length=1)
+    # auto: llama.cpp's own converter when installed (every architecture llama.cpp supports), else the built-in
+    # Llama-only f16 writer (core/gguf.py), so the default install stays light; llama.cpp / builtin: force one.
+    converter: Literal["auto", "llama.cpp", "builtin"] = "auto"
+    # llama.cpp checks, each file against the merged model in transformers: greedy answers to this many eval
+    # prompts (f16 must give the same tokens) and perplexity on perplexity_rows eval rows, at most these ratios.
+    answer_tokens: int = Field(32, ge=1)
+    perplexity_rows: int = Field(16, ge=1)
+    max_perplexity_ratio: dict[Literal["f16", "q8_0", "q4_k_m"], float] = Field(
+        default_factory=lambda: {"f16": 1.005, "q8_0": 1.01, "q4_k_m": 1.10}
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _unique_types(cls, types: list[str]) -> list[str]:
+        if len(set(types)) != len(types):
+            raise ValueError(f"lists a type twice: {types}")
+        return types
+
+    @model_validator(mode="after")
+    def _builtin_writes_f16_only(self) -> ExportConfig:
+        if self.converter == "builtin" and self.types != ["f16"]:
+            raise ValueError(
+                f"converter builtin writes f16 only, but types is {self.types}: quantized files need llama.cpp "
+                "(converter: auto or llama.cpp, after make gguf-setup)"
+            )
+        return self
 
 
 # --- task adapters and hyperparameter sweeps ----------------------------------------------

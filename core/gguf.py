@@ -301,9 +301,12 @@ def _convert(t: torch.Tensor, gguf_name: str, hf_name: str, cfg: dict) -> np.nda
 # ------------------------------------------------------------------------------------------------ write
 
 
-def gguf_file_name(name: str) -> str:
+def gguf_file_name(name: str, kind: str = "f16") -> str:
+    """<name>-F16.gguf, <name>-Q8_0.gguf, <name>-Q4_K_M.gguf (llama.cpp's naming)."""
+    from core.llamacpp import TYPES
+
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-    return f"{slug}-F16.gguf"
+    return f"{slug}-{TYPES[kind][1]}.gguf"
 
 
 def write_gguf(
@@ -472,6 +475,17 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
+def default_system_prompt(tokenizer) -> str | None:
+    """The system message a ChatML chat template adds by itself when a conversation has none (SmolLM2's: "You are
+    a helpful AI assistant named SmolLM, ..."): training saw it, so Ollama must send it too."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "<|im_start|>" not in template:
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    head = "<|im_start|>system\n"
+    return text[len(head) : text.index("<|im_end|>")] if text.startswith(head) else None
+
+
 def modelfile_text(gguf_name: str, tokenizer, system_prompt: str | None = None) -> str:
     """A short Ollama Modelfile for the file next to it."""
     lines = [
@@ -487,11 +501,185 @@ def modelfile_text(gguf_name: str, tokenizer, system_prompt: str | None = None) 
         )
     else:
         lines.append("# TEMPLATE: Ollama derives it from tokenizer.chat_template in the GGUF file")
+    system_prompt = system_prompt or default_system_prompt(tokenizer)
     if system_prompt:
         lines.append(f"SYSTEM {_quote(system_prompt)}")
     if tokenizer.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
     return "\n".join(lines) + "\n"
+
+
+_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def render_go_template(template: str, messages: list[dict]) -> str:
+    """Render the subset of Go's text/template the Modelfile's TEMPLATE uses, as Ollama would: `range .Messages`
+    ... `end`, `.Role`, `.Content`, and the `{{-` / `-}}` whitespace trims. Anything else is a ValueError."""
+    parts: list = []  # text pieces and (action,) tuples, trims applied
+    pos = 0
+    for m in _ACTION.finditer(template):
+        text = template[pos : m.start()]
+        if m.group(1):
+            text = text.rstrip()
+        if parts and isinstance(parts[-1], tuple) and parts[-1][1]:
+            text = text.lstrip()
+        parts.append(text)
+        parts.append((m.group(2), bool(m.group(3))))
+        pos = m.end()
+    tail = template[pos:]
+    if parts and isinstance(parts[-1], tuple) and parts[-1][1]:
+        tail = tail.lstrip()
+    parts.append(tail)
+
+    def run(items: list, message: dict | None) -> str:
+        out, i = [], 0
+        while i < len(items):
+            item = items[i]
+            if isinstance(item, str):
+                out.append(item)
+            elif item[0] == "range .Messages":
+                depth, j = 1, i + 1
+                while depth:
+                    if isinstance(items[j], tuple):
+                        depth += items[j][0].startswith("range ") - (items[j][0] == "end")
+                    j += 1
+                out.extend(run(items[i + 1 : j - 1], m) for m in messages)
+                i = j
+                continue
+            elif item[0] in (".Role", ".Content") and message is not None:
+                out.append(message[item[0][1:].lower()])
+            else:
+                raise ValueError(f"the Modelfile check cannot render {{{{ {item[0]} }}}}")
+            i += 1
+        return "".join(out)
+
+    return run(parts, None)
+
+
+def check_modelfile(text: str, tokenizer, system_prompt: str | None) -> str:
+    """The Modelfile's TEMPLATE, SYSTEM and stop must give the prompts training gave; GGUFMismatchError if not.
+
+    Ollama is not available to ask, so its template is rendered here (render_go_template) for a one-turn and a
+    two-turn conversation and compared with the tokenizer's chat template, which training used; the end-of-turn
+    the chat template writes after an answer must be a stop string."""
+    found = re.search(r'^TEMPLATE """(.*?)"""', text, re.S | re.M)
+    if not found:
+        return "none: Ollama reads tokenizer.chat_template from the GGUF file"
+    system_prompt = system_prompt or default_system_prompt(tokenizer)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    one = [*system, {"role": "user", "content": "What is the refund window?"}]
+    two = [*one, {"role": "assistant", "content": "30 days."}, {"role": "user", "content": "And for sale items?"}]
+    for conversation in (one, two):
+        want = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        got = render_go_template(found.group(1), conversation)
+        if got != want:
+            raise GGUFMismatchError(
+                f"the Modelfile's TEMPLATE renders {got!r} where training's template gives {want!r}"
+            )
+    full = tokenizer.apply_chat_template([*one, {"role": "assistant", "content": "30 days."}], tokenize=False)
+    after = full.split("30 days.", 1)[1]
+    stops = [json.loads(v) for v in re.findall(r"^PARAMETER stop (.+)$", text, re.M)]
+    if not any(after.startswith(s) for s in stops):
+        raise GGUFMismatchError(
+            f"no PARAMETER stop in the Modelfile ends an answer: the template follows one with {after[:20]!r}"
+        )
+    return "checked: renders as training's chat template; stops at the end of an answer"
+
+
+# ------------------------------------------------------------------------------------- llama.cpp's path
+
+
+def hf_greedy_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (one at a time: no padding), end-of-turn token included."""
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            gen = model.generate(
+                input_ids=torch.tensor([ids], device=model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(eos_ids),
+                pad_token_id=sorted(eos_ids)[0],
+            )
+            out.append(gen[0, len(ids) :].tolist())
+    return out
+
+
+def export_llamacpp(
+    model_dir: Path, prompts: list[list[int]], rows: list[list[int]], cfg: ExportConfig, out_dir: Path, name: str
+) -> tuple[dict[str, Path], dict]:
+    """llama.cpp converts (f16) and quantizes; llama.cpp loads each file, which must answer the eval prompts like
+    the merged model (f16: token for token) and stay within cfg.max_perplexity_ratio of its perplexity on `rows`.
+    Returns ({type: file}, info). On any failure every file written here is deleted."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core import llamacpp
+    from core.training.resources import usable_cpus
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        f16 = llamacpp.convert(model_dir, out_dir / gguf_file_name(name, "f16"), name)
+        written.append(f16)
+        files = {"f16": f16}
+        for kind in cfg.types:
+            if kind != "f16":
+                files[kind] = llamacpp.quantize(f16, out_dir / gguf_file_name(name, kind), kind, usable_cpus())
+                written.append(files[kind])
+
+        # the reference: the merged model in transformers
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        dtype, placement = _load_dtype_device()
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).eval()
+        eos = ref.generation_config.eos_token_id
+        eos_ids = {i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None}
+        want = hf_greedy_ids(ref, prompts, cfg.answer_tokens, eos_ids)
+        ref_ppl = llamacpp.perplexity_hf(ref, rows)
+        del ref
+
+        info: dict = {"converter": "llama.cpp convert_hf_to_gguf.py", "merged_perplexity": round(ref_ppl, 4)}
+        n_ctx = max(len(r) for r in rows + [p + [0] * cfg.answer_tokens for p in prompts]) + 8
+        failures = []
+        for kind in ["f16", *[k for k in cfg.types if k != "f16"]]:
+            llm = llamacpp.load(files[kind], n_ctx, threads=usable_cpus())
+            got = [llamacpp.greedy_ids(llm, p, cfg.answer_tokens, eos_ids) for p in prompts]
+            ppl = llamacpp.perplexity_llama(llm, rows)
+            del llm
+            same = sum(g == w for g, w in zip(got, want))
+            ratio = ppl / ref_ppl
+            bound = cfg.max_perplexity_ratio.get(kind)
+            info[kind] = {
+                "file": files[kind].name,
+                "bytes": files[kind].stat().st_size,
+                "perplexity": round(ppl, 4),
+                "perplexity_ratio": round(ratio, 4),
+                "max_perplexity_ratio": bound,
+                "same_greedy_answers": f"{same}/{len(prompts)}",
+            }
+            logger.info("GGUF %s: perplexity %.4f (%.4fx the merged model's), %d/%d greedy answers the same",
+                        kind, ppl, ratio, same, len(prompts))  # fmt: skip
+            if bound is not None and not ratio <= bound:
+                failures.append(f"{kind}: perplexity {ppl:.4f} is {ratio:.4f}x the merged model's {ref_ppl:.4f} "
+                                f"(export.max_perplexity_ratio.{kind}={bound})")  # fmt: skip
+            if kind == "f16" and same != len(prompts):
+                bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+                failures.append(
+                    f"f16: llama.cpp's greedy answer to eval prompt {bad} differs from the merged model's: "
+                    f"{tokenizer.decode(got[bad])!r} vs {tokenizer.decode(want[bad])!r}"
+                )
+        if failures:
+            raise GGUFMismatchError("GGUF files checked in llama.cpp; not keeping them: " + "; ".join(failures))
+        if "f16" not in cfg.types:  # made only to quantize from
+            f16.unlink()
+            del files["f16"]
+        info["types"] = [k for k in cfg.types]
+        return files, info
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ whole
@@ -505,20 +693,39 @@ def export_model(
     name: str,
     base_model: str | None = None,
     system_prompt: str | None = None,
+    prompts: list[list[int]] | None = None,
 ) -> tuple[ModelFolder, dict]:
-    """Write, verify, add the Modelfile. A file that fails verification is deleted."""
+    """Write and verify the GGUF file(s), add the Modelfile; a file that fails verification is deleted.
+
+    `rows`: eval rows (prompt + answer ids) for logits / perplexity; `prompts`: eval prompts for greedy answers.
+    llama.cpp's converter when cfg.converter allows and it is installed (core/llamacpp.py), else the built-in
+    Llama-only f16 writer above, verified through transformers' GGUF loader.
+    """
     from transformers import AutoTokenizer
 
+    from core import llamacpp
+
     out_dir = Path(out_dir)
-    gguf_path = out_dir / gguf_file_name(name)
-    info = write_gguf(merged.path, gguf_path, name, base_model=base_model, license=cfg.license)
-    try:
-        info.update(verify_gguf(merged.path, gguf_path, rows[: cfg.check_rows], cfg.logit_rtol))
-    except BaseException:
-        gguf_path.unlink(missing_ok=True)
-        raise
+    if cfg.converter == "llama.cpp" or cfg.types != ["f16"]:
+        llamacpp.require()  # before any work: quantized types exist only through llama.cpp
+    if cfg.converter != "builtin" and llamacpp.available():
+        files, info = export_llamacpp(
+            merged.path, (prompts or rows)[: cfg.check_rows], rows[: cfg.perplexity_rows], cfg, out_dir, name
+        )
+    else:
+        gguf_path = out_dir / gguf_file_name(name)
+        info = write_gguf(merged.path, gguf_path, name, base_model=base_model, license=cfg.license)
+        info["converter"] = "built-in (llama.cpp not installed)" if cfg.converter == "auto" else "built-in"
+        try:
+            info.update(verify_gguf(merged.path, gguf_path, rows[: cfg.check_rows], cfg.logit_rtol))
+        except BaseException:
+            gguf_path.unlink(missing_ok=True)
+            raise
+        files = {"f16": gguf_path}
     tokenizer = AutoTokenizer.from_pretrained(merged.path)
-    (out_dir / "Modelfile").write_text(modelfile_text(gguf_path.name, tokenizer, system_prompt))
+    text = modelfile_text(files[cfg.types[0]].name, tokenizer, system_prompt)
+    info["modelfile_template"] = check_modelfile(text, tokenizer, system_prompt)
+    (out_dir / "Modelfile").write_text(text)
     return ModelFolder(out_dir), info
 
 

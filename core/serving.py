@@ -1,13 +1,15 @@
 """Serving: load a model version's adapters once, answer chat requests, switch adapters per request.
 
 Used by pipelines/serve_pipeline.py (a ZenML deployment: its `on_init` hook calls `load_served_model`,
-each `POST /invoke` runs `steps/chat.py:chat`, which calls `answer`) and by benchmarks/serve_latency.py.
+each `POST /invoke` runs `steps/chat.py:chat`, which calls `answer`; core/openai_api.py serves the OpenAI
+endpoints) and by benchmarks/serve_latency.py. Generation itself is core/batching.py's: one engine per server
+batches whatever requests arrive together.
 
 What gets loaded, from the ZenML Model version named by `ServeConfig` (`model_name` at `stage`, or `version`):
 - load: adapters (default): the base model once, plus every adapter artifact linked to that version, each
   under its own peft adapter name: the artifact `adapter` (the single-task pipeline) as `default`, and
-  `adapter_<task>` (one per task) as `<task>`. A request picks one by name; `set_adapter` switches between
-  them without reloading anything. The name `base` answers with every adapter disabled.
+  `adapter_<task>` (one per task) as `<task>`. A request picks one by name; in a batch each row gets its own
+  (peft's mixed-adapter batches), nothing is reloaded. The name `base` answers with no adapter.
 - load: merged: the version's `merged_model` artifact (adapter folded into fp16/bf16 weights), served as `merged`.
 
 The base model is, in order: `ServeConfig.base` when set; else the `model` parameter (a ModelSource) of the
@@ -30,6 +32,7 @@ import torch
 from pydantic import Field, model_validator
 
 from core import models
+from core.batching import BatchEngine, Generation
 from core.config import ModelSource, _Strict
 
 ADAPTER_ARTIFACT = "adapter"  # single-task pipeline output (steps/train.py)
@@ -72,6 +75,14 @@ class ServeConfig(_Strict):
     max_temperature: float = Field(2.0, gt=0)
     # Prompt + max_new_tokens must fit here (tokens); None: the model's max_position_embeddings.
     context_length: int | None = Field(None, ge=8)
+    # Requests generated together (rows of one batch; core/batching.py). More rows: more tokens/s in total on the
+    # same cores, but each row's tokens come slower. 1: one request at a time.
+    max_batch_size: int = Field(8, ge=1)
+    # Requests that may wait for a batch; beyond that a request is refused at once (HTTP 503, retry) rather than
+    # queued behind minutes of work.
+    max_queued_requests: int = Field(32, ge=1)
+    # Milliseconds the engine waits after the first request of a batch for others sent at the same time.
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _4bit_only_with_adapters(self) -> ServeConfig:
@@ -187,14 +198,32 @@ class ServedModel:
     context_length: int
     config: ServeConfig
     info: dict[str, Any] = field(default_factory=dict)  # model version, base, artifact ids, load seconds
-    # set_adapter changes the model for everyone: one request at a time holds it from switch to last token.
+    # Held by the batch engine while it generates: nothing else may change the model (set_adapter) meanwhile.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _engine: BatchEngine | None = None
 
     @property
     def is_peft(self) -> bool:
         from peft import PeftModel
 
         return isinstance(self.model, PeftModel)
+
+    @property
+    def engine(self) -> BatchEngine:
+        """The one batch engine every request of this server goes through (started on first use)."""
+        if self._engine is None:
+            cfg = self.config
+            self._engine = BatchEngine(
+                self.model,
+                self.tokenizer,
+                self.lock,
+                is_peft=self.is_peft,
+                base_name=BASE_ADAPTER,
+                max_batch_size=cfg.max_batch_size,
+                max_queue=cfg.max_queued_requests,
+                batch_wait_ms=cfg.batch_wait_ms,
+            )
+        return self._engine
 
 
 def build_served_model(
@@ -254,6 +283,7 @@ def build_served_model(
             "dtype": str(dtype).replace("torch.", ""),
             "context_length": int(context),
             "load_seconds": round(time.perf_counter() - started, 2),
+            "loaded_at": int(time.time()),
         }
     )
     return ServedModel(
@@ -346,15 +376,20 @@ def check_request(
     return prompt, adapter, max_new_tokens, float(temperature)
 
 
-def prompt_ids(served: ServedModel, prompt: str, adapter: str) -> list[int]:
-    """Token ids of the generation prompt, rendered as format_prompts rendered training prompts."""
+def conversation_ids(served: ServedModel, messages: list[dict], adapter: str) -> list[int]:
+    """Token ids of the generation prompt for a conversation, rendered as format_prompts rendered training prompts:
+    the adapter's system prompt first unless the conversation brings its own."""
     from core.prompts import render_prompt, with_system
 
     system = served.config.system_prompts.get(adapter, served.config.system_prompt)
-    messages = with_system([{"role": "user", "content": prompt}], system)
-    text = render_prompt(messages, served.tokenizer, served.chat)
+    text = render_prompt(with_system(messages, system), served.tokenizer, served.chat)
     # The chat template carries its own special tokens; Alpaca adds BOS if the tokenizer uses one (as in training).
     return served.tokenizer(text, add_special_tokens=not served.chat)["input_ids"]
+
+
+def prompt_ids(served: ServedModel, prompt: str, adapter: str) -> list[int]:
+    """Token ids of the generation prompt for one user message."""
+    return conversation_ids(served, [{"role": "user", "content": prompt}], adapter)
 
 
 @dataclass
@@ -386,33 +421,17 @@ def answer(
 ) -> dict[str, Any]:
     """One chat turn: {answer, adapter, prompt_tokens, completion_tokens}; ServeRequestError on a bad request."""
     req = validate_request(served, prompt, adapter, max_new_tokens, temperature)
-    tok = served.tokenizer
-    device = next(served.model.parameters()).device
-    input_ids = torch.tensor([req.input_ids], device=device)
-    sampling = {"do_sample": True, "temperature": req.temperature} if req.temperature > 0 else {"do_sample": False}
-    with served.lock, torch.inference_mode():
-        if served.is_peft and req.adapter == BASE_ADAPTER:
-            with served.model.disable_adapter():
-                out = _generate(served.model, input_ids, req.max_new_tokens, tok, sampling)
-        else:
-            if served.is_peft and served.model.active_adapter != req.adapter:
-                served.model.set_adapter(req.adapter)  # switches the active LoRA weights; nothing is reloaded
-            out = _generate(served.model, input_ids, req.max_new_tokens, tok, sampling)
-    new = out[0, len(req.input_ids) :].tolist()
+    gen = served.engine.generate(
+        Generation(
+            adapter=req.adapter,
+            input_ids=req.input_ids,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+        )
+    )
     return {
-        "answer": tok.decode(new, skip_special_tokens=True).strip(),
+        "answer": gen.text.strip(),
         "adapter": req.adapter,
         "prompt_tokens": len(req.input_ids),
-        "completion_tokens": len(new),
+        "completion_tokens": len(gen.tokens),
     }
-
-
-def _generate(model, input_ids: torch.Tensor, max_new_tokens: int, tok, sampling: dict) -> torch.Tensor:
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **sampling,
-    )

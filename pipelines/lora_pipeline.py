@@ -15,10 +15,13 @@ from __future__ import annotations
 from zenml import Model, pipeline
 
 from core.config import PipelineConfig
+from core.logs import install_error_hook
 from core.models import resolve_base
 from pipelines.multitask import multitask_run
 from pipelines.single_run import single_run
 from pipelines.sweep import sweep_run
+
+install_error_hook()  # a run stopped by our own error ends with its message (zenml pipeline run imports this)
 
 
 @pipeline(enable_cache=True, model=Model(name="qlora-adapter", license="apache-2.0"))

@@ -5,6 +5,7 @@ ingest -> validate -> format_prompts -> train -> evaluate -> merge [-> export_gg
 
 from __future__ import annotations
 
+from core import tracking
 from core.config import Candidate, PipelineConfig
 from core.data.ingest import source_fingerprint
 from core.models import BaseModelRef
@@ -42,7 +43,8 @@ def train_and_evaluate(
         candidate.substitutions(),
         {"train": candidate.step_id("train"), "evaluate": candidate.step_id("evaluate")},
     )
-    adapter, metrics = train.with_options(substitutions=names)(
+    tracked = tracking.step_options(candidate)  # the stack's experiment tracker, if it has one
+    adapter, metrics = train.with_options(substitutions=names, **tracked)(
         train_ds,
         eval_ds,
         base=base,
@@ -52,7 +54,7 @@ def train_and_evaluate(
         candidate=candidate,
         id=ids["train"],
     )
-    report = evaluate.with_options(substitutions=names)(
+    report = evaluate.with_options(substitutions=names, **tracked)(
         adapter, eval_ds, base=base, evaluate=config.evaluate, candidate=candidate, id=ids["evaluate"]
     )
     return adapter, metrics, report

@@ -13,7 +13,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry
+from core import registry, tracking
 from core.artifacts import ModelFolder, dataset_content_hash
 from core.caching import step_cache_policy
 from core.config import Candidate, EvalConfig
@@ -53,6 +53,7 @@ def evaluate(
         report.tuned.exact_match,
         "passed" if report.gate_passed else "FAILED",
     )
+    tracking.log_evaluation(report, candidate)  # MLflow, when tracked
     evaluation = registry.evaluation_summary(report)
     who = {candidate.kind: candidate.name} if candidate.name else {}
     log_metadata(metadata={**who, **evaluation}, artifact_name=candidate.artifact("eval_report"), infer_artifact=True)

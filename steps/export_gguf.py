@@ -1,8 +1,9 @@
-"""Optional step, export_gguf: the merged model as one f16 GGUF file for llama.cpp and Ollama, verified by
-loading it back, plus an Ollama Modelfile (core/gguf.py). Runs after merge when `export.enabled` is true.
+"""Optional step, export_gguf: the merged model as GGUF files for llama.cpp and Ollama (f16, Q8_0, Q4_K_M by
+`export.types`), each loaded back and checked against the merged model, plus an Ollama Modelfile whose template
+is checked against training's (core/gguf.py, core/llamacpp.py). Runs after merge when `export.enabled` is true.
 
     ollama create my-model -f Modelfile && ollama run my-model
-    llama-cli -m <name>-F16.gguf -cnv
+    llama-cli -m <name>-Q4_K_M.gguf -cnv
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def export_gguf(
 ) -> Annotated[ModelFolder, "gguf_model"]:
     quiet_libraries()
     name = export.name or registry.current_model_name() or default_name(base)
-    rows = list(eval_dataset.select(range(min(len(eval_dataset), export.check_rows)))["input_ids"])
+    head = eval_dataset.select(range(min(len(eval_dataset), max(export.check_rows, export.perplexity_rows))))
+    rows = list(head["input_ids"])  # prompt + answer: logits / perplexity
+    prompts = [ids[:n] for ids, n in zip(head["input_ids"], head["prompt_len"])]  # greedy answers
     folder, info = export_model(
         merged,
         rows,
@@ -44,6 +47,7 @@ def export_gguf(
         name,
         base_model=models.display_name(base),
         system_prompt=system_prompt,
+        prompts=prompts,
     )
     logger.info("GGUF export: %s", info)
     log_metadata(metadata=info, artifact_name="gguf_model", infer_artifact=True)

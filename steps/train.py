@@ -16,7 +16,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry
+from core import registry, tracking
 from core.artifacts import ModelFolder, scratch_dir
 from core.caching import step_cache_policy
 from core.config import Candidate, LoraSettings, QuantConfig, TrainConfig
@@ -45,7 +45,10 @@ def train(
         logger.info("training with accelerate across %d processes", train.num_processes)
         adapter, metrics = train_distributed(train_dataset, eval_dataset, base, quant, lora, train, out)
     else:
-        adapter, metrics = train_adapter(train_dataset, eval_dataset, base, quant, lora, train, out / "adapter")
+        live = tracking.training_callbacks(candidate, lora=lora, quant=quant, train=train)  # MLflow, when tracked
+        adapter, metrics = train_adapter(
+            train_dataset, eval_dataset, base, quant, lora, train, out / "adapter", callbacks=live
+        )
     summary = metrics.model_dump(exclude={"loss_curve", "eval_curve"})
     if train.num_processes > 1:
         summary["num_processes"] = train.num_processes

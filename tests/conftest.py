@@ -129,3 +129,23 @@ def trained_adapter(tmp_path_factory, tiny_source, tiny_splits):
         callbacks=[Snapshot()],
     )
     return adapter, metrics, snapshots
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tmp_path_factory, tiny_source, trained_adapter):
+    """(trained adapter dir, second adapter dir). The second is built, not trained (seconds, not minutes): random
+    non-zero LoRA weights on other modules at another rank, so its answers differ, as a second task's would."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_base
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    second = get_peft_model(load_base(tiny_source, quant=None), config)
+    out = tmp_path_factory.mktemp("second-adapter") / "adapter"
+    second.save_pretrained(out, save_embedding_layers=False)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_source.name
+    return trained_adapter[0].path, out

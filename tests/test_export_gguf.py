@@ -60,11 +60,17 @@ def build_small_tokenizer(out, chat_template: str):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
         pad_token="<|im_end|>",
     )
     fast.chat_template = chat_template
@@ -91,7 +97,12 @@ def rows(merged_dir):
 def exported(tmp_path_factory, merged_dir, rows):
     out = tmp_path_factory.mktemp("gguf") / "gguf"
     folder, info = export_model(
-        ModelFolder(merged_dir), rows, ExportConfig(), out, "tiny-chat", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ModelFolder(merged_dir),
+        rows,
+        ExportConfig(converter="builtin"),
+        out,
+        "tiny-chat",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         system_prompt="You answer Acme customer support questions.",
     )
     return folder, info
@@ -194,8 +205,13 @@ def test_metadata_matches_the_config_and_tokenizer(exported, merged_dir):
 def test_untied_embeddings_write_output_weight(tmp_path, merged_dir):
     tok = AutoTokenizer.from_pretrained(merged_dir)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(tmp_path / "m")
@@ -209,12 +225,20 @@ def test_untied_embeddings_write_output_weight(tmp_path, merged_dir):
 def test_other_architectures_get_a_clear_error(tmp_path, merged_dir):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
     AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp_path / "qwen")
     with pytest.raises(GGUFExportError, match=r"Llama-architecture models only.*model_type 'qwen2'.*Qwen2ForCausalLM"):
-        export_model(ModelFolder(tmp_path / "qwen"), [[1, 2, 3]], ExportConfig(), tmp_path / "out", "q")
+        export_model(
+            ModelFolder(tmp_path / "qwen"), [[1, 2, 3]], ExportConfig(converter="builtin"), tmp_path / "out", "q"
+        )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -235,7 +259,7 @@ def test_wrong_qk_layout_fails_the_logit_check_and_leaves_no_file(tmp_path, merg
     out = tmp_path / "gguf"
     # a random tiny model attends almost uniformly, so the error is small here (~7e-3); f16 is exact, so 1e-4
     with pytest.raises(GGUFMismatchError, match="logits loaded back from the GGUF file differ"):
-        export_model(ModelFolder(merged_dir), rows, ExportConfig(logit_rtol=1e-4), out, "bad")
+        export_model(ModelFolder(merged_dir), rows, ExportConfig(converter="builtin", logit_rtol=1e-4), out, "bad")
     assert list(out.iterdir()) == []
 
 
@@ -267,8 +291,12 @@ def test_bundled_smollm2_matches_the_shipped_gguf_layout_and_round_trips(tmp_pat
     # provenance llama.cpp takes from the Hub model card, which a local folder does not have
     card_only = {"general.organization", "general.finetune", "general.languages", "general.license"}
     assert set(ref) - set(mine) == card_only
-    assert set(mine) - set(ref) <= {"general.base_model.count", "general.base_model.0.name",
-                                     "general.base_model.0.repo_url", "tokenizer.ggml.add_eos_token"}
+    assert set(mine) - set(ref) <= {
+        "general.base_model.count",
+        "general.base_model.0.name",
+        "general.base_model.0.repo_url",
+        "tokenizer.ggml.add_eos_token",
+    }
     differ = sorted(k for k in set(ref) & set(mine) if mine[k] != ref[k])
     # file_type: f16 here, Q4_1 shipped. pre: the saved tokenizer splits like GPT-2; llama.cpp's "smollm" also
     # isolates digits, which gives the same tokens for this vocabulary (it has no multi-digit tokens)
@@ -278,8 +306,12 @@ def test_bundled_smollm2_matches_the_shipped_gguf_layout_and_round_trips(tmp_pat
 
     tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
     rows = [
-        tok.apply_chat_template([{"role": "user", "content": "How long do refunds take?"}], add_generation_prompt=True,
-                                tokenize=True, return_dict=True)["input_ids"],
+        tok.apply_chat_template(
+            [{"role": "user", "content": "How long do refunds take?"}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"],
         tok("The capital of France is Paris, and 12 + 30 = 42.")["input_ids"],
     ]
     # the real 49k vocabulary and chat template read back; the bundled folder is f32, so f16 rounds the
@@ -292,13 +324,13 @@ def test_bundled_smollm2_matches_the_shipped_gguf_layout_and_round_trips(tmp_pat
 def _export_inputs(merged_dir: str, rows: list[list[int]]) -> tuple[
     Annotated[ModelFolder, "merged"], Annotated[Dataset, "eval_rows"]
 ]:  # fmt: skip
-    return ModelFolder(merged_dir), Dataset.from_dict({"input_ids": rows})
+    return ModelFolder(merged_dir), Dataset.from_dict({"input_ids": rows, "prompt_len": [len(r) // 2 for r in rows]})
 
 
 @pipeline(model=Model(name="gguf-step-test"), enable_cache=False)
 def _export_only(merged_dir: str, rows: list[list[int]]) -> None:
     merged, eval_rows = _export_inputs(merged_dir, rows)
-    export_gguf(merged, eval_rows, base=resolve_base(ModelSource()), export=ExportConfig(enabled=True, check_rows=2),
+    export_gguf(merged, eval_rows, base=resolve_base(ModelSource()), export=ExportConfig(enabled=True, check_rows=2, converter="builtin"),
                 system_prompt="Be brief.")  # fmt: skip
 
 
@@ -319,3 +351,32 @@ def test_step_in_pipeline_stores_the_folder_and_metadata(zenml_home, merged_dir,
     general, _ = read_gguf_metadata(str(folder.path / "gguf-step-test-F16.gguf"))
     assert general["general.name"] == "gguf-step-test"
     assert general["general.base_model.0.name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_modelfile_template_renders_as_training_and_a_wrong_one_is_caught(bundled_tokenizer_dir):
+    """Ollama is not here: its Go template is rendered (a subset) and compared with the chat template."""
+    from core.gguf import check_modelfile, modelfile_text, render_go_template
+
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
+    text = modelfile_text("m-Q4_K_M.gguf", tok, "You answer Acme customer support questions.")
+    assert check_modelfile(text, tok, "You answer Acme customer support questions.").startswith("checked")
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    template = "{{- range .Messages }}<{{ .Role }}>{{ .Content }}\n{{ end -}}\n  <go>"
+    assert render_go_template(template, messages) == "<system>S\n<user>Q\n<go>"
+    with pytest.raises(ValueError, match="cannot render"):
+        render_go_template("{{ if .System }}x{{ end }}", messages)
+    wrong = text.replace("<|im_start|>assistant\n", "<|im_start|>assistant ")
+    with pytest.raises(GGUFMismatchError, match="TEMPLATE renders"):
+        check_modelfile(wrong, tok, "You answer Acme customer support questions.")
+    no_stop = "\n".join(line for line in text.splitlines() if not line.startswith("PARAMETER stop"))
+    with pytest.raises(GGUFMismatchError, match="no PARAMETER stop"):
+        check_modelfile(no_stop, tok, "You answer Acme customer support questions.")
+
+
+def test_quantized_types_without_llama_cpp_say_how_to_get_it(tmp_path, merged_dir, rows, monkeypatch):
+    from core.llamacpp import LlamaCppMissingError
+
+    monkeypatch.setenv("LLAMA_CPP_TOOLS", str(tmp_path / "none"))  # no converter there
+    with pytest.raises(LlamaCppMissingError, match=r"the converter not installed .*make gguf-setup"):
+        export_model(ModelFolder(merged_dir), rows, ExportConfig(types=["q8_0"]), tmp_path / "out", "x")
+    assert not (tmp_path / "out").exists()

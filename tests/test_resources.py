@@ -50,3 +50,38 @@ def test_fp32_training_pins_full_precision_matmuls():
         assert {"cpu_flags", "bnb_cpu_inference_layout", "torch_threads", "usable_cpus"} <= set(settings)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/stat") or len(getattr(os, "sched_getaffinity", lambda pid: ())(0)) < 2,
+    reason="needs Linux's /proc/stat and at least 2 CPUs",
+)
+def test_cpu_share_gives_up_a_core_another_process_keeps_busy_and_takes_it_back():
+    import subprocess
+    import sys
+    import time
+
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+    before = torch.get_num_threads()
+    share = resources.CpuShare(max_threads=2, interval_s=1.0)
+    share.cpus = {a, b}  # watch two CPUs; the other process spins on one of them
+    share.others_busy()  # start the window now
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{b}}})\nwhile True: pass"])
+    try:
+        torch.set_num_threads(2)
+        time.sleep(1.5)
+        assert share.adjust() == 1, "one of two cores busy elsewhere: one thread"
+        assert torch.get_num_threads() == 1
+        ((_, _, others),) = share.changes
+        assert 0.6 < others < 1.4
+    finally:
+        spinner.kill()
+        spinner.wait()
+    try:
+        share.others_busy()  # a window without the spinner
+        time.sleep(1.5)
+        assert share.adjust() == 2, "both cores free again: both threads back"
+        assert torch.get_num_threads() == 2
+        assert share.adjust() is None, "no new window yet: nothing measured, nothing changed"
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ def checkpoint_key(train_ds: Dataset, eval_ds: Dataset, base_identity: str, *set
     for part in (dataset_content_hash(train_ds), dataset_content_hash(eval_ds), base_identity):
         h.update(part.encode())
     for s in settings:
-        h.update(s.model_dump_json(exclude={"checkpoint_dir", "logging_steps"}).encode())
+        h.update(s.model_dump_json(exclude={"checkpoint_dir", "logging_steps", "cpu_threads"}).encode())
     return h.hexdigest()[:16]
 
 

@@ -49,6 +49,8 @@ from core.reports import TrainMetrics
 from core.training.checkpoints import checkpoint_key, latest_complete_checkpoint
 from core.training.loss import labels_only_trainer_class
 from core.training.resources import (
+    CpuShare,
+    CpuShareCallback,
     check_disk_space,
     compute_settings,
     count_parameters,
@@ -285,8 +287,12 @@ def train_adapter(
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
     pin_training_precision(dtype)
-    if not cuda:
-        pin_cpu_threads()
+    # CPU: threads = the cores this process may use, then = the cores other processes leave free (CpuShare).
+    cpu_share = None
+    if not cuda and cfg.cpu_threads == "auto":
+        cpu_share = CpuShare(max_threads=pin_cpu_threads())
+    elif not cuda:
+        torch.set_num_threads(cfg.cpu_threads)
     logger.info("compute settings: %s", compute_settings())
     # Settings errors before the model loads: fail in seconds.
     pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
@@ -317,7 +323,7 @@ def train_adapter(
             tokenizer,
             dtype,
             labels_only_logits=cfg.labels_only_logits,
-            callbacks=[progress] + list(callbacks or []),
+            callbacks=[progress] + ([CpuShareCallback(cpu_share)] if cpu_share else []) + list(callbacks or []),
         )
 
     if resume:

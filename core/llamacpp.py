@@ -1,0 +1,207 @@
+"""llama.cpp in the loop: its own converter makes the GGUF, its quantizer makes Q8_0 / Q4_K_M, and llama.cpp
+itself (through llama-cpp-python) loads every file to check it against the merged model.
+
+    make gguf-setup     # pip install -e ".[gguf]" (builds llama.cpp: ~13 min on 2 cores the first time, then
+                        # pip's wheel cache) and python -m core.llamacpp install-converter
+
+- The converter: `convert_hf_to_gguf.py` with its `conversion/` package and the matching `gguf-py`, exactly as
+  shipped in the source distribution of the installed llama-cpp-python (`install_converter` copies them into
+  `<venv>/share/llama.cpp/`). It covers every architecture llama.cpp supports (Llama 3.1's RoPE scaling
+  included); the converter needs `sentencepiece` importable, which the `gguf` extra installs.
+- Quantizing: `llama_cpp.llama_model_quantize` from the f16 file (llama.cpp's recommended source for k-quants).
+- Checking (`check_file`): greedy answers to eval prompts, token for token, and the perplexity of eval rows,
+  each against the merged model in transformers (fp32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# export type -> (llama.cpp ftype name, file suffix); f16 is what the converter writes, the others quantize it
+TYPES = {
+    "f16": ("LLAMA_FTYPE_MOSTLY_F16", "F16"),
+    "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
+    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_M"),
+}
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+SETUP_HINT = 'make gguf-setup (pip install -e ".[gguf]", then python -m core.llamacpp install-converter)'
+
+
+class LlamaCppMissingError(RuntimeError):
+    """llama-cpp-python or llama.cpp's converter is not installed."""
+
+
+def tools_dir() -> Path:
+    """Where install_converter puts llama.cpp's converter: inside the environment that has llama-cpp-python."""
+    return Path(os.environ.get("LLAMA_CPP_TOOLS", Path(sys.prefix) / "share" / "llama.cpp"))
+
+
+def runtime_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def converter_available() -> bool:
+    return (tools_dir() / "convert_hf_to_gguf.py").exists() and importlib.util.find_spec("sentencepiece") is not None
+
+
+def available() -> bool:
+    """llama-cpp-python and the converter are both installed."""
+    return runtime_available() and converter_available()
+
+
+def require() -> None:
+    missing = [
+        what
+        for what, ok in (("llama-cpp-python", runtime_available()), ("the converter", converter_available()))
+        if not ok
+    ]
+    if missing:
+        raise LlamaCppMissingError(
+            f"{' and '.join(missing)} not installed (looked for {tools_dir() / 'convert_hf_to_gguf.py'} and the "
+            f"sentencepiece package): {SETUP_HINT}"
+        )
+
+
+def install_converter(dest: Path | None = None) -> Path:
+    """Copy the converter of the installed llama-cpp-python's own source distribution (from pip's cache or the
+    package index) into `dest` (default tools_dir()). Same version as the runtime, so the two agree on GGUF."""
+    from importlib.metadata import version
+
+    dest = Path(dest or tools_dir())
+    wanted = version("llama_cpp_python")
+    stamp = dest / "VERSION"
+    if stamp.exists() and stamp.read_text().strip() == wanted:
+        return dest
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-src-") as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+             f"llama-cpp-python=={wanted}"],
+            check=True,
+        )  # fmt: skip
+        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        prefix = f"llama_cpp_python-{wanted}/vendor/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            keep = [m for m in members if m.name[len(prefix) :].split("/")[0] in CONVERTER_FILES]
+            tar.extractall(tmp, members=keep, filter="data")
+        staged = Path(tmp) / prefix
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staged, dest)
+    stamp.write_text(wanted + "\n")
+    return dest
+
+
+def convert(model_dir: Path, out_file: Path, name: str | None = None) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py: the HF model folder as one f16 GGUF file."""
+    require()
+    tools = tools_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tools / "gguf-py"), str(tools)]), NO_LOCAL_GGUF="")
+    command = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16"]
+    command += ["--outfile", str(out_file)] + (["--model-name", name] if name else [])
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out_file.exists():
+        out_file.unlink(missing_ok=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}):\n{tail}")
+    return out_file
+
+
+def quantize(src: Path, dst: Path, kind: str, threads: int | None = None) -> Path:
+    """llama.cpp's quantizer: `src` (f16 GGUF) to `dst` in `kind` (q8_0, q4_k_m)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, TYPES[kind][0])
+    params.nthread = threads or 0  # 0: llama.cpp's default (every core)
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if status != 0 or not dst.exists():
+        dst.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {kind} (status {status})")
+    return dst
+
+
+def load(path: Path, n_ctx: int, threads: int | None = None):
+    """The file in llama.cpp, every position's logits kept (for perplexity)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False, seed=0)
+
+
+def greedy_ids(llm, prompt: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """llama.cpp's greedy continuation of the prompt, as token ids (end-of-turn token included, as transformers)."""
+    llm.reset()
+    out: list[int] = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if token in eos_ids or len(out) >= max_new_tokens:
+            break
+    return out
+
+
+def row_nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[1:] given the logits at positions 0..n-2, and its token count."""
+    x = logits[: len(ids) - 1].astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1
+
+
+def perplexity_llama(llm, rows: list[list[int]]) -> float:
+    total, count = 0.0, 0
+    for ids in rows:
+        llm.reset()
+        llm.eval(ids)
+        nll, n = row_nll(np.asarray(llm.scores[: len(ids)]), ids)
+        total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
+def perplexity_hf(model, rows: list[list[int]]) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in rows:
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            nll, n = row_nll(logits, ids)
+            total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["install-converter", "check"])
+    args = parser.parse_args(argv)
+    if args.command == "install-converter":
+        print(f"llama.cpp converter in {install_converter()}")
+        return 0
+    try:
+        require()
+    except LlamaCppMissingError as err:
+        print(err)
+        return 1
+    print(f"llama.cpp ready: runtime and converter ({tools_dir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
