@@ -31,7 +31,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf tracking mlflow-ui
+.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf tracking-setup tracking mlflow-ui
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,7 +75,9 @@ $(BIN)/.tracking: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[dev,tracking]"
 	touch $@
 
-tracking: $(BIN)/.tracking setup
+tracking-setup: $(BIN)/.tracking
+
+tracking: tracking-setup setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/mlflow.sh
 
 mlflow-ui: tracking

@@ -15,6 +15,7 @@ itself (through llama-cpp-python) loads every file to check it against the merge
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -121,6 +122,25 @@ def convert(model_dir: Path, out_file: Path, name: str | None = None) -> Path:
     return out_file
 
 
+@contextlib.contextmanager
+def native_output_to(path: Path):
+    """Send what native code writes to stdout/stderr (llama.cpp's loader and quantizer print hundreds of lines)
+    to `path` instead of the console, for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def quantize(src: Path, dst: Path, kind: str, threads: int | None = None) -> Path:
     """llama.cpp's quantizer: `src` (f16 GGUF) to `dst` in `kind` (q8_0, q4_k_m)."""
     import ctypes
@@ -130,10 +150,14 @@ def quantize(src: Path, dst: Path, kind: str, threads: int | None = None) -> Pat
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, TYPES[kind][0])
     params.nthread = threads or 0  # 0: llama.cpp's default (every core)
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    log = dst.with_name(f".{dst.name}.log")
+    with native_output_to(log):
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-10:])
+    log.unlink()
     if status != 0 or not dst.exists():
         dst.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {kind} (status {status})")
+        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {kind} (status {status}):\n{tail}")
     return dst
 
 

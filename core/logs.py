@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # Deprecation notices for calls made inside peft/trl, not by this project's code: one per run, nothing to act on.
@@ -35,6 +36,37 @@ def project_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+FAILED_RUN = re.compile(r"Pipeline run has failed due to failure in step\(s\): (.+)$")
+
+
+def failed_step_errors(exc: BaseException) -> list[tuple[str, str, str]] | None:
+    """For ZenML's "Pipeline run has failed due to failure in step(s): ..." error: (step, error class, message)
+    of each failed step of the newest run, when every one of them failed on a project error; else None."""
+    found = FAILED_RUN.search(str(exc))
+    if not isinstance(exc, RuntimeError) or not found:
+        return None
+    names = [n.strip() for n in found.group(1).split(",")]
+    try:
+        from zenml.client import Client
+
+        run = Client().list_pipeline_runs(sort_by="desc:created", size=1, hydrate=True).items[0]
+        infos = [(name, run.steps[name].exception_info) for name in names]
+    except Exception:  # no store, no such run or step: keep the traceback
+        return None
+    if not all(info and (info.source or "").startswith("core.") for _, info in infos):
+        return None
+    return [(name, info.source.rsplit(".", 1)[-1], info.message or "") for name, info in infos]
+
+
+class _OwnErrorsWithoutTraceback(logging.Filter):
+    """ZenML logs a failed step's traceback ("Step validate failed."); for our own errors the message says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and project_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def install_error_hook(stream=None) -> None:
     """A run that stops on one of the project's own errors (bad data, a failed gate, a config mistake) ends with
     that error's message, not a 60-line traceback: its text already says what and where, and the full traceback
@@ -47,11 +79,15 @@ def install_error_hook(stream=None) -> None:
 
     def hook(kind, value, tb):
         ours = project_error(value)
-        if ours is None:
+        errors = [("", type(ours).__name__, str(ours))] if ours is not None else failed_step_errors(value)
+        if not errors:
             return previous(kind, value, tb)
         out = stream or sys.stderr
-        print(f"\nerror: {type(ours).__name__}: {ours}", file=out)
-        print("(full traceback: the failed step's logs, `zenml pipeline runs list` and the dashboard)", file=out)
+        for step, name, message in errors:
+            print(f"\nerror{f' in step {step}' if step else ''}: {name}: {message}", file=out)
+        print("(the full traceback is in the failed step's logs, shown in the dashboard)", file=out)
 
     hook._project_hook = True
     sys.excepthook = hook
+    for name in ("zenml.orchestrators.local.local_orchestrator", "zenml.orchestrators.step_launcher"):
+        logging.getLogger(name).addFilter(_OwnErrorsWithoutTraceback())

@@ -25,15 +25,15 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 
-def tracker_name() -> str | None:
-    """The active stack's experiment tracker, or None (also when no stack can be read)."""
+def stack_tracker():
+    """(name, flavor) of the active stack's experiment tracker, or None (also when no stack can be read)."""
     try:
         from zenml.client import Client
 
-        tracker = Client().active_stack_model.components.get(_tracker_type())
+        trackers = Client().active_stack_model.components.get(_tracker_type())
     except Exception:  # no store or stack: no tracker
         return None
-    return tracker[0].name if tracker else None
+    return (trackers[0].name, trackers[0].flavor_name) if trackers else None
 
 
 def _tracker_type():
@@ -43,13 +43,16 @@ def _tracker_type():
 
 
 def step_options(candidate) -> dict[str, Any]:
-    """with_options(...) for a train or evaluate step: the stack's tracker, and a nested MLflow run for a sweep
-    point or task (so each gets its own curves) rather than the pipeline run's shared one. {} without a tracker."""
-    name = tracker_name()
-    if name is None:
+    """with_options(...) for a train or evaluate step: the stack's tracker and, with MLflow, a nested run for a
+    sweep point or task (so each gets its own curves) instead of the pipeline run's shared one. {} without one."""
+    tracker = stack_tracker()
+    if tracker is None:
         return {}
-    nested = candidate.kind != "single"
-    return {"experiment_tracker": name, "settings": {"experiment_tracker": {"nested": nested}}}
+    name, flavor = tracker
+    options: dict[str, Any] = {"experiment_tracker": name}
+    if flavor == "mlflow":
+        options["settings"] = {f"experiment_tracker:{name}": {"nested": candidate.kind != "single"}}
+    return options
 
 
 def active_run():

@@ -179,3 +179,34 @@ def test_sample_over_max_seq_len_fails_or_is_dropped_and_counted(tiny_source, ov
     assert counts["dropped_overlong"] == 1
     kept = set(train["id"]) | set(held_out["id"])
     assert kept == set(clean["id"]) - {"overlong_tokens.jsonl:3"}
+
+
+@pytest.mark.slow
+def test_the_cli_run_ends_with_our_message_not_a_traceback(tmp_path):
+    """`zenml pipeline run` on bad data: the console ends with the validation error, not ZenML's tracebacks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO_ROOT
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": ""}) + "\n")
+    doc = yaml.safe_load((REPO_ROOT / "configs" / "default.yaml").read_text())
+    doc["parameters"]["config"]["data"] = {"path": str(data), "format": "instruction"}
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, ZENML_CONFIG_PATH=str(tmp_path / "zenml"), ZENML_ANALYTICS_OPT_IN="false")
+    zenml = Path(sys.executable).with_name("zenml")
+    proc = subprocess.run(
+        [str(zenml), "pipeline", "run", "pipelines.lora_pipeline", "-c", str(config)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Traceback" not in out and "│" not in out, out[-3000:]  # neither plain nor framed
+    tail = out.strip().splitlines()[-4:]
+    assert tail[0].startswith("error in step validate: DataValidationError: Data validation failed"), tail
+    assert tail[-1].startswith("(the full traceback is in the failed step's logs")

@@ -86,6 +86,17 @@ def test_train_and_evaluate_stream_to_mlflow(tracked_run):
     assert data.params["lora.r"] == str(TINY_LORA["r"]) and data.params["quant.load_in_4bit"] in ("True", "False")
     assert data.metrics["base_loss"] > data.metrics["finetuned_loss"] > 0  # evaluate's scores, same run
     assert data.tags["zenml.run_id"] == str(run.id) and data.tags["zenml.model"].startswith("tracked-tiny version")
+    # a sweep point or task gets a nested run of its own on this stack; the single run shares the pipeline's
+    from types import SimpleNamespace
+
+    from core.tracking import step_options
+
+    name = data.tags["zenml.step"] and run.steps["train"].config.experiment_tracker
+    assert step_options(SimpleNamespace(kind="point")) == {
+        "experiment_tracker": name,
+        "settings": {f"experiment_tracker:{name}": {"nested": True}},
+    }
+    assert step_options(SimpleNamespace(kind="single"))["settings"] == {f"experiment_tracker:{name}": {"nested": False}}
 
 
 def _free_port() -> int:
