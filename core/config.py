@@ -162,6 +162,9 @@ class GateConfig(_Strict):
     on_fail: Literal["stop", "warn"] = "stop"
     # compare with the model version at this stage too, when one exists
     compare_with_stage: Literal["staging", "production"] | None = "production"
+    # held-out rows below which the scores decide nothing (one row passed a gate once): the gate fails, saying how
+    # many rows there are and how to get more; with on_fail: warn it only warns (and the version is not promoted)
+    min_eval_rows: int = Field(20, ge=1)
 
 
 class EvalConfig(_Strict):

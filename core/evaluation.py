@@ -152,7 +152,7 @@ def evaluate_adapter(
     tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
     tuned, tuned_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
     references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
-    passed, messages = apply_gate(tuned, references, cfg.gate)
+    passed, messages = apply_gate(tuned, references, cfg.gate, eval_rows=len(eval_ds))
     generated = eval_ds.select(range(len(tuned_answers)))
     expected = [m[-1]["content"] for m in generated["messages"]]
     samples = [

@@ -23,10 +23,25 @@ class QualityGateError(RuntimeError):
 
 
 def apply_gate(
-    tuned: ModelScores, references: list[tuple[str, ModelScores]], gate: GateConfig
+    tuned: ModelScores, references: list[tuple[str, ModelScores]], gate: GateConfig, eval_rows: int | None = None
 ) -> tuple[bool, list[str]]:
-    """Candidate must beat every reference by the configured margins; returns (passed, reasons)."""
+    """Candidate must beat every reference by the configured margins, on at least gate.min_eval_rows held-out rows;
+    returns (passed, reasons)."""
     passed, messages = True, []
+    if eval_rows is not None:
+        ok = eval_rows >= gate.min_eval_rows
+        passed &= ok
+        advice = (
+            ""
+            if ok
+            else (
+                ": too few to decide anything; hold out more (data.eval_path with your own held-out file, or a larger "
+                "data.eval_fraction) or lower evaluate.gate.min_eval_rows knowingly"
+            )
+        )
+        messages.append(
+            f"held-out rows {eval_rows}: needs >= {gate.min_eval_rows} (min_eval_rows){advice} -> {'ok' if ok else 'FAIL'}"
+        )
     for name, ref in references:
         max_loss = ref.loss * (1 - gate.min_loss_improvement)
         ok = tuned.loss <= max_loss

@@ -149,3 +149,26 @@ def two_adapters(tmp_path_factory, tiny_source, trained_adapter):
     second.save_pretrained(out, save_embedding_layers=False)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_source.name
     return trained_adapter[0].path, out
+
+
+def default_stack_plus(component_type, flavor: str, prefix: str):
+    """A new stack: the default orchestrator and artifact store plus one new component of `flavor`. Returns
+    (stack id, component name). Activate it with ZENML_ACTIVE_STACK_ID for this process and the ones it starts:
+    activate_stack would write the repo's .zen config."""
+    import uuid
+
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+
+    client, suffix = Client(), uuid.uuid4().hex[:6]
+    component = f"{prefix}-{suffix}"
+    client.create_stack_component(name=component, flavor=flavor, component_type=component_type, configuration={})
+    stack = client.create_stack(
+        name=f"{prefix}-stack-{suffix}",
+        components={
+            StackComponentType.ORCHESTRATOR: "default",
+            StackComponentType.ARTIFACT_STORE: "default",
+            component_type: component,
+        },
+    )
+    return str(stack.id), component

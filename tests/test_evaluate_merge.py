@@ -15,7 +15,9 @@ from core.reports import ModelScores
 @pytest.fixture(scope="module")
 def report(trained_adapter, tiny_splits, tiny_source):
     adapter, _, _ = trained_adapter
-    return evaluate_adapter(adapter, tiny_splits[1], tiny_source, EvalConfig(num_generate=4, max_new_tokens=12))
+    # the toy eval split has ~10 rows: below the default min_eval_rows, which test_gate_fails_on_too_few... covers
+    cfg = EvalConfig(num_generate=4, max_new_tokens=12, gate=GateConfig(min_eval_rows=5))
+    return evaluate_adapter(adapter, tiny_splits[1], tiny_source, cfg)
 
 
 def test_fine_tuned_beats_base_on_held_out_loss(report, tiny_splits):
@@ -76,3 +78,15 @@ def test_merge_mismatch_fails_before_writing(trained_adapter, tiny_splits, tiny_
     with pytest.raises(MergeMismatchError, match="merge.logit_rtol"):
         merge_adapter(adapter, tiny_source, MergeConfig(logit_rtol=1e-9), tiny_splits[1], tmp_path / "m")
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder it was staged in
+
+
+def test_gate_fails_on_too_few_held_out_rows_and_says_how_to_get_more():
+    better = ModelScores(loss=1.0, perplexity=2.7, rouge_l=0.6, exact_match=0.2)
+    worse = ModelScores(loss=1.5, perplexity=4.5, rouge_l=0.5, exact_match=0.1)
+    passed, msgs = apply_gate(better, [("base", worse)], GateConfig(), eval_rows=1)  # one row once passed a gate
+    assert not passed
+    (fail,) = [m for m in msgs if m.endswith("FAIL")]
+    assert fail.startswith("held-out rows 1: needs >= 20 (min_eval_rows)") and "data.eval_path" in fail
+    assert "data.eval_fraction" in fail
+    assert apply_gate(better, [("base", worse)], GateConfig(), eval_rows=20)[0]
+    assert apply_gate(better, [("base", worse)], GateConfig(min_eval_rows=1), eval_rows=1)[0]

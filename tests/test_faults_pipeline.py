@@ -122,7 +122,7 @@ def runs(zenml_home, tmp_path_factory, tiny_model_dir, bundled_tokenizer_dir):
             "evaluate": {
                 "num_generate": 2,
                 "max_new_tokens": 8,
-                "gate": {"compare_with_stage": "staging", "on_fail": "warn"},
+                "gate": {"compare_with_stage": "staging", "on_fail": "warn", "min_eval_rows": 1},
             },
             "push": {"mode": "hub", "repo_id": "tests/faults", "endpoint": hub.endpoint, "retry_wait_s": 0.01},
             "promote_to": "staging",

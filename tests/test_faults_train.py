@@ -162,7 +162,9 @@ def test_exactly_enough_disk_passes(tmp_path, monkeypatch):
     need = disk_needed(1000, 10, save_total_limit=1)
     assert need["total"] == 2 * 120 + 2000
     monkeypatch.setattr(
-        core.training.resources.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(need["total"], 0, need["total"])
+        core.training.resources.shutil,
+        "disk_usage",
+        lambda p: shutil._ntuple_diskusage(need["total"], 0, need["total"]),
     )
     assert check_disk_space(tmp_path, 1000, 10, 1) == need
 

@@ -300,7 +300,9 @@ def test_keep_in_fp32_weights_and_original_checkpoint_names(tmp_path):
     stream_merge(tmp_path / "base", adapter, tmp_path / "out", "float16")
     ours, base = weights(tmp_path / "out"), weights(tmp_path / "base")
     assert ours.keys() == base.keys()  # the checkpoint's own layout, which from_pretrained converts on load
-    assert {k for k, v in ours.items() if v.dtype != torch.float16} == {"model.layers.1.mlp.gate.e_score_correction_bias"}
+    assert {k for k, v in ours.items() if v.dtype != torch.float16} == {
+        "model.layers.1.mlp.gate.e_score_correction_bias"
+    }
     theirs = peft_merged(tmp_path / "base", adapter, torch.float16)
     assert theirs["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert_same_merge({k: v for k, v in ours.items() if "self_attn" in k}, theirs, base, torch.float16)

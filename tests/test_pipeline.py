@@ -32,7 +32,7 @@ def setup(zenml_home, tmp_path_factory, tiny_model_dir):
         "evaluate": {"num_generate": 2, "max_new_tokens": 8},
         # warn-only here: on this toy task a retrained candidate may tie with staging. The gate's
         # verdict is tested in test_quality_gate_stops_before_merge_and_push.
-        "gate_warn": {"compare_with_stage": "staging", "on_fail": "warn"},
+        "gate_warn": {"compare_with_stage": "staging", "on_fail": "warn", "min_eval_rows": 1},
         "push": {"mode": "dry_run", "repo_id": "tests/tiny"},
         "promote_to": "staging",
     }
@@ -59,7 +59,8 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     # a quiet console: one progress line per logging step, no raw trainer dicts, no repeated library warnings
     out, err = capfd.readouterr()
     progress = [m for m in caplog.messages if m.startswith("step ") and "tokens/s" in m and "ETA" in m]
-    assert len(progress) == 8 and progress[-1].startswith("step 8/8")
+    assert len(progress) == 8 and progress[-1].startswith("step 8/8 [####################]")
+    assert progress[3].startswith("step 4/8 [##########..........]")
     assert "{'loss'" not in out + err and "'train_runtime'" not in out + err
     noisy = [str(w.message) for w in recwarn if "Could not find a config file" in str(w.message)]
     noisy += [str(w.message) for w in recwarn if "gradient_checkpointing" in str(w.message)]
@@ -132,7 +133,10 @@ def test_training_setting_change_reruns_only_train_onwards(setup):
 
 def test_quality_gate_stops_before_merge_and_push(setup):
     _, raw = setup
-    strict = {**raw, "evaluate": {**raw["evaluate"], "gate": {"min_loss_improvement": 0.99, "on_fail": "stop"}}}
+    strict = {
+        **raw,
+        "evaluate": {**raw["evaluate"], "gate": {"min_loss_improvement": 0.99, "on_fail": "stop", "min_eval_rows": 1}},
+    }
     with pytest.raises(RuntimeError, match="failure in step"):
         _run(strict, model_name="tiny-gated")
     run = Client().get_pipeline("lora_pipeline").last_run

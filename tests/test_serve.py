@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +16,7 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, default_stack_plus
 from zenml import Model, pipeline, step
 
 import materializers  # noqa: F401  (folder artifacts)
@@ -178,20 +177,9 @@ def deployment(model_version, monkeypatch_module, tmp_path_factory):
 
     monkeypatch_module.chdir(REPO_ROOT)  # the server process imports the pipeline from its working directory
     client = Client()
-    suffix = uuid.uuid4().hex[:6]
-    client.create_stack_component(
-        name=f"local-deployer-{suffix}", flavor="local", component_type=StackComponentType.DEPLOYER, configuration={}
-    )
-    stack = client.create_stack(
-        name=f"serve-{suffix}",
-        components={
-            StackComponentType.ORCHESTRATOR: "default",
-            StackComponentType.ARTIFACT_STORE: "default",
-            StackComponentType.DEPLOYER: f"local-deployer-{suffix}",
-        },
-    )
-    # Active for this process (and the server it starts) only: activate_stack would write the repo's .zen config.
-    monkeypatch_module.setenv("ZENML_ACTIVE_STACK_ID", str(stack.id))
+    stack_id, deployer = default_stack_plus(StackComponentType.DEPLOYER, "local", "local-deployer")
+    monkeypatch_module.setenv("ZENML_ACTIVE_STACK_ID", stack_id)
+    suffix = deployer.rsplit("-", 1)[-1]
     name = f"lora-chat-test-{suffix}"
     try:
         # The shipped config, pointed at the test's model version, on any free port.

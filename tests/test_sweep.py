@@ -31,7 +31,11 @@ def setup(zenml_home, tmp_path_factory, tiny_model_dir):
         "lora": TINY_LORA,
         # no intermediate checkpoints: saving them costs more than these few tiny steps
         "train": {**TINY_TRAIN, "max_steps": 6, "save_every": 100, "checkpoint_dir": str(root / "ckpt")},
-        "evaluate": {"num_generate": 2, "max_new_tokens": 8, "gate": {"on_fail": "warn", "compare_with_stage": None}},
+        "evaluate": {
+            "num_generate": 2,
+            "max_new_tokens": 8,
+            "gate": {"on_fail": "warn", "compare_with_stage": None, "min_eval_rows": 1},
+        },
         "push": {"mode": "dry_run", "repo_id": "tests/tiny-sweep"},
         # learning rates far apart, so the points' eval losses differ clearly
         "sweep": {"grid": {"lora.r": [4, 8], "train.learning_rate": [1.0e-2]}},

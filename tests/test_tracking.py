@@ -15,10 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 
 import pytest
-from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
+from conftest import TINY_LORA, TINY_TRAIN, default_stack_plus, instruction_rows
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,27 +38,16 @@ def tracked_run(zenml_home, tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("tracked")
     for name, rows in (("train.jsonl", instruction_rows(24)), ("eval.jsonl", instruction_rows(6, offset=24))):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    client, suffix = Client(), uuid.uuid4().hex[:6]
-    client.create_stack_component(
-        name=f"mlflow-{suffix}", flavor="mlflow", component_type=StackComponentType.EXPERIMENT_TRACKER, configuration={}
-    )
-    stack = client.create_stack(
-        name=f"tracked-{suffix}",
-        components={
-            StackComponentType.ORCHESTRATOR: "default",
-            StackComponentType.ARTIFACT_STORE: "default",
-            StackComponentType.EXPERIMENT_TRACKER: f"mlflow-{suffix}",
-        },
-    )
+    stack_id, _ = default_stack_plus(StackComponentType.EXPERIMENT_TRACKER, "mlflow", "mlflow")
     mp = pytest.MonkeyPatch()
-    mp.setenv("ZENML_ACTIVE_STACK_ID", str(stack.id))
+    mp.setenv("ZENML_ACTIVE_STACK_ID", stack_id)
     try:
         raw = {
             "model": {"source": "local", "name": str(tiny_model_dir)},
             "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
             "lora": TINY_LORA,
             "train": {**TINY_TRAIN, "checkpoint_dir": str(root / "ckpt"), "logging_steps": 1, "eval_every": 2},
-            "evaluate": {"num_generate": 2, "max_new_tokens": 8, "gate": {"on_fail": "warn"}},
+            "evaluate": {"num_generate": 2, "max_new_tokens": 8, "gate": {"on_fail": "warn", "min_eval_rows": 1}},
             "push": {"mode": "dry_run", "repo_id": "tests/tiny"},
         }
         run = lora_pipeline.with_options(model=Model(name="tracked-tiny"))(config=validate_config(raw))

@@ -246,10 +246,12 @@ class ProgressLog(TrainerCallback):
                 rate = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / elapsed
                 done = max(state.global_step - self.steps_at_start, 1)
                 eta = elapsed / done * max(state.max_steps - state.global_step, 0)
+                filled = round(20 * state.global_step / max(state.max_steps, 1))
                 logger.info(
-                    "step %d/%d  loss %.4f  lr %.2e  %.1f tokens/s  ETA %d:%02d",
+                    "step %d/%d %s  loss %.4f  lr %.2e  %.1f tokens/s  ETA %d:%02d",
                     state.global_step,
                     state.max_steps,
+                    "[" + "#" * filled + "." * (20 - filled) + "]",  # a progress bar that reads well in log files
                     logs["loss"],
                     logs.get("learning_rate", 0.0),
                     rate,
