@@ -30,8 +30,12 @@ def summarize(run) -> str:
     if art := output("evaluate", "eval_report"):
         r = art.load()
         lines.append(f"  evaluate on {r.eval_rows} held-out rows:      base -> fine-tuned")
-        for metric in ("loss", "perplexity", "rouge_l", "exact_match"):
-            lines.append(f"    {metric:<12} {getattr(r.base, metric):>10.3f} -> {getattr(r.tuned, metric):.3f}")
+        for metric in ("loss", "perplexity", "rouge_l", "exact_match", "bleu"):
+            base, tuned = getattr(r.base, metric, None), getattr(r.tuned, metric, None)
+            if base is not None and tuned is not None:
+                lines.append(f"    {metric:<12} {base:>10.3f} -> {tuned:.3f}")
+        for metric, d in getattr(r, "differences", {}).items():
+            lines.append(f"    {metric + ' change':<19} {d.delta:+.3f}  (95% CI {d.low:+.3f} to {d.high:+.3f})")
         lines.append(f"  quality gate vs {r.reference_name}: {'passed' if r.gate_passed else 'FAILED'}")
     for step, name in (("merge", "merged_model"), ("push", "upload_bundle"), ("train", "adapter")):
         if art := output(step, name):

@@ -49,14 +49,24 @@ class DataSource(_Strict):
     split: str = "train"  # hub split for training rows
     eval_split: str | None = None  # hub split for held-out rows
     revision: str | None = None  # hub dataset revision
-    # instruction: instruction/input/output columns; chat: one messages column
-    format: Literal["instruction", "chat"] = "instruction"
-    # canonical name -> source column name, e.g. {"instruction": "question", "output": "answer"}
+    # instruction: instruction/input/output columns; chat: one messages column of {role, content} turns;
+    # sharegpt: a `conversations` column of {"from": "human"|"gpt"|"system", "value": ...} turns
+    format: Literal["instruction", "chat", "sharegpt"] = "instruction"
+    # canonical name -> source column name, e.g. {"instruction": "question", "output": "answer"} or
+    # {"messages": "dialogue"}
     columns: dict[str, str] = Field(default_factory=dict)
+    # chat / sharegpt: the keys of a turn (default role/content; sharegpt: from/value), and the data's role names
+    # -> user / assistant / system (sharegpt default: human -> user, gpt -> assistant, system -> system)
+    turn_keys: dict[Literal["role", "content"], str] = Field(default_factory=dict)
+    roles: dict[str, Literal["user", "assistant", "system"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataSource:
-        allowed = {"instruction": {"instruction", "input", "output"}, "chat": {"messages"}}[self.format]
+        if self.format == "instruction" and (self.turn_keys or self.roles):
+            raise ValueError("turn_keys and roles apply to format chat or sharegpt, not instruction")
+        allowed = {"instruction": {"instruction", "input", "output"}, "chat": {"messages"}, "sharegpt": {"messages"}}[
+            self.format
+        ]
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(
@@ -77,6 +87,10 @@ class PromptConfig(_Strict):
     # auto: the tokenizer's chat template, or Alpaca-style when the tokenizer has none
     template: Literal["auto", "chat", "alpaca"] = "auto"
     system_prompt: str | None = None  # prepended as a system turn when the example has none
+    # Multi-turn chat rows: learn every assistant turn (all_turns; each masked from its first token through its
+    # end-of-turn token, system and user turns never learned), or only the last (last_turn). Single-turn rows and
+    # Alpaca-rendered rows (one prompt, one answer) are the same either way.
+    train_on: Literal["all_turns", "last_turn"] = "all_turns"
     max_seq_len: int = Field(512, ge=8)  # tokens, prompt + response + EOS
     # drop: skip overlong rows; truncate: cut the response at max_seq_len; fail: stop
     overlong: Literal["drop", "truncate", "fail"] = "drop"
@@ -171,6 +185,10 @@ class EvalConfig(_Strict):
     num_generate: int = Field(16, ge=0)  # eval rows answered by greedy generation
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
+    # paired bootstrap resamples for the 95% intervals of fine-tuned - base (loss, ROUGE-L, exact match) in the
+    # eval report; seeded, so a rerun gives the same intervals. 0: no intervals. 1000 take well under a second.
+    bootstrap_resamples: int = Field(1000, ge=0)
+    bootstrap_seed: int = 0
     gate: GateConfig = Field(default_factory=GateConfig)
 
 

@@ -28,7 +28,7 @@ from core.config import EvalConfig, ModelSource
 from core.gate import apply_gate
 from core.models import BaseModelRef
 from core.prompts import IGNORE
-from core.reports import EvalReport, ModelScores, Sample
+from core.reports import Difference, EvalReport, ModelScores, Sample
 
 
 def pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
@@ -58,10 +58,10 @@ def max_relative_diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) 
 
 
 @torch.no_grad()
-def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
-    """Mean cross-entropy over response tokens only (labels != -100), in nats per token."""
+def row_losses(model, ds: Dataset, batch_size: int, pad_id: int) -> list[tuple[float, int]]:
+    """(summed cross-entropy in nats, response tokens) of each row: response tokens only (labels != -100)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for i in range(0, len(ds), batch_size):
         batch = ds[i : i + batch_size]
         ids = pad(batch["input_ids"], pad_id, left=False).to(device)
@@ -73,11 +73,16 @@ def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
             shift_logits.reshape(-1, shift_logits.size(-1)),
             shift_labels.reshape(-1),
             ignore_index=IGNORE,
-            reduction="sum",
-        )
-        total += loss.item()
-        count += int((shift_labels != IGNORE).sum())
-    return total / max(count, 1)
+            reduction="none",
+        ).view(shift_labels.shape)
+        out += list(zip(loss.sum(dim=1).tolist(), (shift_labels != IGNORE).sum(dim=1).tolist()))
+    return out
+
+
+def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy over response tokens only (labels != -100), in nats per token."""
+    rows = row_losses(model, ds, batch_size, pad_id)
+    return sum(n for n, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
 @torch.no_grad()
@@ -127,12 +132,61 @@ def text_scores(answers: list[str], references: list[str]) -> tuple[float, float
     return sum(r for r, _ in rows) / len(rows), sum(e for _, e in rows) / len(rows)
 
 
-def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelScores, list[str]]:
-    loss = response_loss(model, ds, cfg.batch_size, tokenizer.pad_token_id)
+def bleu(answers: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu's defaults: 4-grams, 13a tokenization), 0..100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(answers, [references]).score) if answers else 0.0
+
+
+def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelScores, list[str], list]:
+    """The model's scores on `ds`, its greedy answers, and each row's (summed loss, tokens) for the bootstrap."""
+    losses = row_losses(model, ds, cfg.batch_size, tokenizer.pad_token_id)
+    loss = sum(n for n, _ in losses) / max(sum(c for _, c in losses), 1)
     sample = ds.select(range(min(cfg.num_generate, len(ds))))
     answers = generate_answers(model, tokenizer, sample, cfg.max_new_tokens, cfg.batch_size)
-    rouge, exact = text_scores(answers, [m[-1]["content"] for m in sample["messages"]])
-    return ModelScores(loss=loss, perplexity=math.exp(min(loss, 50)), rouge_l=rouge, exact_match=exact), answers
+    references = [m[-1]["content"] for m in sample["messages"]]
+    rouge, exact = text_scores(answers, references)
+    scores = ModelScores(
+        loss=loss, perplexity=math.exp(min(loss, 50)), rouge_l=rouge, exact_match=exact, bleu=bleu(answers, references)
+    )
+    return scores, answers, losses
+
+
+def paired_bootstrap(
+    base_losses: list[tuple[float, int]],
+    tuned_losses: list[tuple[float, int]],
+    base_rows: list[tuple[float, bool]],
+    tuned_rows: list[tuple[float, bool]],
+    resamples: int,
+    seed: int,
+) -> dict[str, Difference]:
+    """Fine-tuned minus base for loss (all rows, token-weighted), ROUGE-L and exact match (generated rows), each
+    with a 95% percentile interval from `resamples` paired bootstrap resamples of the rows (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b_nll, b_n = np.array([x for x, _ in base_losses]), np.array([n for _, n in base_losses])
+    t_nll, t_n = np.array([x for x, _ in tuned_losses]), np.array([n for _, n in tuned_losses])
+    metrics = {
+        "loss": (
+            len(base_losses),
+            lambda i: t_nll[i].sum() / max(t_n[i].sum(), 1) - b_nll[i].sum() / max(b_n[i].sum(), 1),
+        ),
+    }
+    if base_rows:
+        b_r, t_r = np.array([r for r, _ in base_rows]), np.array([r for r, _ in tuned_rows])
+        b_e, t_e = np.array([e for _, e in base_rows], float), np.array([e for _, e in tuned_rows], float)
+        metrics["rouge_l"] = (len(base_rows), lambda i: t_r[i].mean() - b_r[i].mean())
+        metrics["exact_match"] = (len(base_rows), lambda i: t_e[i].mean() - b_e[i].mean())
+    out = {}
+    for name, (rows, diff) in metrics.items():
+        draws = np.array([diff(rng.integers(0, rows, rows)) for _ in range(resamples)])
+        low, high = np.percentile(draws, [2.5, 97.5]) if resamples else (float("nan"), float("nan"))
+        out[name] = Difference(
+            delta=float(diff(np.arange(rows))), low=float(low), high=float(high), rows=rows, resamples=resamples
+        )
+    return out
 
 
 def evaluate_adapter(
@@ -147,14 +201,18 @@ def evaluate_adapter(
 
     tokenizer = models.load_tokenizer(model)
     base = models.load_base(model, quant=None).eval()
-    base_scores, base_answers = score_model(base, tokenizer, eval_ds, cfg)
+    base_scores, base_answers, base_losses = score_model(base, tokenizer, eval_ds, cfg)
     # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
     tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
-    tuned, tuned_answers = score_model(tuned_model, tokenizer, eval_ds, cfg)
+    tuned, tuned_answers, tuned_losses = score_model(tuned_model, tokenizer, eval_ds, cfg)
     references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
     passed, messages = apply_gate(tuned, references, cfg.gate, eval_rows=len(eval_ds))
     generated = eval_ds.select(range(len(tuned_answers)))
     expected = [m[-1]["content"] for m in generated["messages"]]
+    base_rows, tuned_rows = row_scores(base_answers, expected), row_scores(tuned_answers, expected)
+    differences = paired_bootstrap(
+        base_losses, tuned_losses, base_rows, tuned_rows, cfg.bootstrap_resamples, cfg.bootstrap_seed
+    )
     samples = [
         Sample(
             id=row["id"],
@@ -172,8 +230,8 @@ def evaluate_adapter(
             expected,
             base_answers,
             tuned_answers,
-            row_scores(base_answers, expected),
-            row_scores(tuned_answers, expected),
+            base_rows,
+            tuned_rows,
         )
     ]
     return EvalReport(
@@ -187,4 +245,5 @@ def evaluate_adapter(
         on_fail=cfg.gate.on_fail,
         gate_messages=messages,
         samples=samples,
+        differences=differences,
     )

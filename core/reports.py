@@ -157,6 +157,17 @@ class ModelScores(BaseModel):
     perplexity: float
     rouge_l: float  # mean ROUGE-L F1 over generated samples, 0..1
     exact_match: float  # fraction of samples whose answer equals the reference (normalized)
+    bleu: float | None = None  # corpus BLEU of the generated samples (sacrebleu), 0..100; None: scored before BLEU
+
+
+class Difference(BaseModel):
+    """Fine-tuned minus base for one metric, with a 95% paired-bootstrap interval."""
+
+    delta: float
+    low: float
+    high: float
+    rows: int  # rows resampled: every held-out row for loss, the generated ones for ROUGE-L / exact match
+    resamples: int
 
 
 class EvalReport(HtmlReport):
@@ -171,6 +182,8 @@ class EvalReport(HtmlReport):
     on_fail: str = "stop"  # what merge does with a failed gate: "stop" or "warn" (EvalConfig.gate.on_fail)
     gate_messages: list[str] = Field(default_factory=list)
     samples: list[Sample] = Field(default_factory=list)
+    # fine-tuned minus base per metric (loss, rouge_l, exact_match) with 95% paired-bootstrap intervals
+    differences: dict[str, Difference] = Field(default_factory=dict)
 
     def to_html(self) -> str:
         generated = len(self.samples)
@@ -179,11 +192,22 @@ class EvalReport(HtmlReport):
             "perplexity": f"all {self.eval_rows} rows",
             "rouge_l": f"the first {generated} rows (greedy answers)",
             "exact_match": f"the first {generated} rows (greedy answers)",
+            "bleu": f"the first {generated} rows (greedy answers; corpus BLEU, 0-100)",
         }
+
+        def fmt(value) -> str:
+            return "n/a" if value is None else f"{value:.4g}"
+
+        def interval(metric: str) -> str:
+            d = self.differences.get(metric)
+            if d is None:
+                return ""
+            return f"{d.delta:+.4g} (95% CI {d.low:+.4g} to {d.high:+.4g}; {d.resamples} paired resamples of {d.rows})"
+
         scores = html_table(
-            ["metric", "base", "fine-tuned", "rows it covers"],
+            ["metric", "base", "fine-tuned", "fine-tuned - base", "rows it covers"],
             [
-                [m, f"{getattr(self.base, m):.4g}", f"{getattr(self.tuned, m):.4g}", covers[m]]
+                [m, fmt(getattr(self.base, m)), fmt(getattr(self.tuned, m)), interval(m), covers[m]]
                 for m in ModelScores.model_fields
             ],
         )

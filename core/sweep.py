@@ -25,6 +25,7 @@ class SweepRow(BaseModel):
     base_loss: float
     rouge_l: float
     exact_match: float
+    bleu: float | None = None  # corpus BLEU of the generated answers, 0..100
     final_train_loss: float
     train_steps: int
     tokens_per_s: float
@@ -49,6 +50,7 @@ class SweepTable(HtmlReport):
                 f"{r.eval_loss:.4f}",
                 f"{r.rouge_l:.3f}",
                 f"{r.exact_match:.3f}",
+                "n/a" if r.bleu is None else f"{r.bleu:.1f}",
                 f"{r.final_train_loss:.4f}",
                 r.train_steps,
                 f"{r.tokens_per_s:.1f}",
@@ -64,6 +66,7 @@ class SweepTable(HtmlReport):
                 "eval loss",
                 "ROUGE-L",
                 "exact match",
+                "BLEU",
                 "train loss",
                 "steps",
                 "tokens/s",
@@ -97,6 +100,7 @@ def best_point(
             base_loss=r.base.loss,
             rouge_l=r.tuned.rouge_l,
             exact_match=r.tuned.exact_match,
+            bleu=r.tuned.bleu,
             final_train_loss=m.final_train_loss,
             train_steps=m.steps,
             tokens_per_s=m.tokens_per_s,

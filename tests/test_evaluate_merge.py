@@ -26,7 +26,14 @@ def test_fine_tuned_beats_base_on_held_out_loss(report, tiny_splits):
     assert report.tuned.perplexity < report.base.perplexity
     assert len(report.samples) == 4 and all(s.reference for s in report.samples)
     assert report.gate_passed, report.gate_messages
+    assert report.tuned.bleu is not None and 0 <= report.base.bleu <= 100 and 0 <= report.tuned.bleu <= 100
+    # fine-tuned - base with seeded 95% paired-bootstrap intervals: the loss clearly fell
+    loss = report.differences["loss"]
+    assert loss.delta == pytest.approx(report.tuned.loss - report.base.loss, abs=1e-6)
+    assert loss.low <= loss.delta <= loss.high < 0 and loss.rows == len(tiny_splits[1]) and loss.resamples == 1000
+    assert set(report.differences) == {"loss", "rouge_l", "exact_match"} and report.differences["rouge_l"].rows == 4
     html = report.to_html()
+    assert "95% CI" in html and "BLEU" in html
     assert "Side by side" in html and report.samples[0].reference.split()[0] in html
 
 
@@ -90,3 +97,28 @@ def test_gate_fails_on_too_few_held_out_rows_and_says_how_to_get_more():
     assert "data.eval_fraction" in fail
     assert apply_gate(better, [("base", worse)], GateConfig(), eval_rows=20)[0]
     assert apply_gate(better, [("base", worse)], GateConfig(min_eval_rows=1), eval_rows=1)[0]
+
+
+def test_paired_bootstrap_is_seeded_and_covers_the_observed_difference():
+    from core.evaluation import paired_bootstrap
+
+    base = [(2.0 * n, n) for n in (3, 5, 4, 6, 2, 5, 3, 4)]  # 2.0 nats/token
+    tuned = [(1.0 * n + (0.5 if i % 2 else -0.5), n) for i, (_, n) in enumerate(base)]  # ~1.0 nats/token
+    base_rows = [(0.2, False), (0.3, False), (0.1, False), (0.4, True)]
+    tuned_rows = [(0.8, True), (0.6, False), (0.9, True), (0.7, True)]
+    a = paired_bootstrap(base, tuned, base_rows, tuned_rows, resamples=500, seed=7)
+    b = paired_bootstrap(base, tuned, base_rows, tuned_rows, resamples=500, seed=7)
+    assert a == b  # seeded: the same intervals on a rerun
+    assert a["loss"].delta == pytest.approx(-1.0, abs=1e-9) and a["loss"].low < -1.0 + 1e-9 < a["loss"].high + 1e-9
+    assert a["loss"].high < 0  # every resample improves
+    assert a["rouge_l"].delta == pytest.approx(0.5) and a["rouge_l"].low > 0
+    assert a["exact_match"].delta == pytest.approx(0.5) and a["exact_match"].low <= 0.5 <= a["exact_match"].high
+    assert paired_bootstrap(base, tuned, base_rows, tuned_rows, resamples=500, seed=8) != a
+
+
+def test_bleu_is_sacrebleu_corpus_bleu():
+    from core.evaluation import bleu
+
+    assert bleu(["Returns within 45 days of purchase."], ["Returns within 45 days of purchase."]) == pytest.approx(100)
+    assert bleu(["no idea at all"], ["Returns within 45 days of purchase."]) == 0
+    assert bleu([], []) == 0

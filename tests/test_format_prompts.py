@@ -88,3 +88,53 @@ def test_overlong_policies(tok):
     )
     train, _, counts = format_dataset(mixed, tok, short.model_copy(update={"overlong": "drop"}))
     assert counts["dropped_overlong"] == 1 and "long" not in train["id"]
+
+
+def _runs(ids, labels):
+    """The learned token runs of a row, each as (start, end) positions."""
+    runs, start = [], None
+    for i, lab in enumerate([*labels, IGNORE]):
+        if lab != IGNORE and start is None:
+            start = i
+        elif lab == IGNORE and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("train_on", ["all_turns", "last_turn"])
+def test_three_turn_conversation_masks_token_by_token(tok, train_on):
+    conversation = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is item 1?"},
+        {"role": "assistant", "content": "Code A1."},
+        {"role": "user", "content": "And item 2?"},
+        {"role": "assistant", "content": "Code B2."},
+        {"role": "user", "content": "And item 3?"},
+        {"role": "assistant", "content": "Code C3."},
+    ]
+    data = Dataset.from_dict({"id": ["c"] * 4, "split": ["train", "train", "train", "eval"],
+                              "messages": [conversation] * 4}, features=FEATURES)  # fmt: skip
+    train, _, _ = format_dataset(data, tok, PromptConfig(train_on=train_on))
+    ids, labels, prompt_len = train[0]["input_ids"], train[0]["labels"], train[0]["prompt_len"]
+    # the whole conversation, as the chat template writes it, and labels copy ids wherever they are learned
+    assert tok.decode(ids) == tok.apply_chat_template(conversation, tokenize=False)
+    assert all(lab in (IGNORE, tid) for tid, lab in zip(ids, labels))
+    learned = [tok.decode(ids[a:b]) for a, b in _runs(ids, labels)]
+    answers = ["Code A1.<|im_end|>\n", "Code B2.<|im_end|>\n", "Code C3.<|im_end|>\n"]
+    expected = answers if train_on == "all_turns" else answers[-1:]
+    assert learned == expected
+    # every other token is -100: the system and user turns and the "<|im_start|>assistant\n" headers
+    masked = tok.apply_chat_template(conversation, tokenize=False)
+    for answer in expected:
+        masked = masked.replace(answer, "", 1)
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE]) == masked
+    # generation's prompt is the same in both modes: everything before the last answer, tokenized in one piece
+    assert ids[:prompt_len] == tok(render_prompt(conversation[:-1], tok, True), add_special_tokens=False)["input_ids"]
+
+
+def test_all_turns_is_the_default_and_single_turn_rows_do_not_change(tok):
+    assert PromptConfig().train_on == "all_turns"
+    a, _, _ = format_dataset(_rows(20), tok, PromptConfig(eval_fraction=0.2))
+    b, _, _ = format_dataset(_rows(20), tok, PromptConfig(eval_fraction=0.2, train_on="last_turn"))
+    assert a["labels"] == b["labels"] and a["input_ids"] == b["input_ids"]

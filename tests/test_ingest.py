@@ -79,3 +79,65 @@ def test_fingerprint_follows_content(tmp_path):
     assert source_fingerprint(src) == first
     _write_jsonl(f, ROWS[:1] + [{**ROWS[1], "answer": "changed"}])
     assert source_fingerprint(src) != first
+
+
+SHAREGPT = [
+    {
+        "id": "conv-1",
+        "conversations": [
+            {"from": "system", "value": "You answer briefly."},
+            {"from": "human", "value": "What is item 1?"},
+            {"from": "gpt", "value": "Code A1."},
+            {"from": "human", "value": "And item 2?"},
+            {"from": "gpt", "value": "Code B2."},
+        ],
+    }
+]
+
+
+def test_sharegpt_rows_become_messages_and_train_on_every_answer(tmp_path, tiny_source):
+    from core.config import PromptConfig
+    from core.data.formatting import format_dataset
+    from core.models import load_tokenizer
+    from core.prompts import IGNORE
+
+    rows = [json.loads(json.dumps(SHAREGPT[0]).replace("item 2", f"item {i + 2}")) for i in range(12)]
+    f = _write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+    ds = load_rows(DataSource(path=str(f), format="sharegpt"))
+    assert [(m["role"], m["content"]) for m in ds[0]["messages"]] == [
+        ("system", "You answer briefly."),
+        ("user", "What is item 1?"),
+        ("assistant", "Code A1."),
+        ("user", "And item 2?"),
+        ("assistant", "Code B2."),
+    ]
+    tok = load_tokenizer(tiny_source)
+    train, _, _ = format_dataset(ds, tok, PromptConfig(eval_fraction=0.3))
+    row = train[0]
+    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    assert learned == "Code A1.<|im_end|>\nCode B2.<|im_end|>\n"  # both answers, nothing else
+
+
+def test_chat_data_with_other_turn_keys_and_role_names(tmp_path):
+    rows = [{"dialogue": [{"speaker": "customer", "text": "Hi?"}, {"speaker": "agent", "text": "Hello."}]}]
+    f = _write_jsonl(tmp_path / "d.jsonl", rows)
+    data = DataSource(
+        path=str(f),
+        format="chat",
+        columns={"messages": "dialogue"},
+        turn_keys={"role": "speaker", "content": "text"},
+        roles={"customer": "user", "agent": "assistant"},
+    )
+    assert load_rows(data)[0]["messages"] == [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+
+
+def test_sharegpt_data_read_as_chat_says_which_format_it_is(tmp_path):
+    f = _write_jsonl(tmp_path / "d.jsonl", SHAREGPT)
+    with pytest.raises(IngestError, match=r"conversations\[0\] must be an object with 'role' and 'content'.*"
+                       r"this looks like ShareGPT data: set data.format: sharegpt"):  # fmt: skip
+        load_rows(DataSource(path=str(f), format="chat", columns={"messages": "conversations"}))
+    with pytest.raises(ValueError, match="turn_keys and roles apply to format chat or sharegpt"):
+        DataSource(path=str(f), roles={"bot": "assistant"})

@@ -39,15 +39,51 @@ class OverlongError(ValueError):
     """Rows longer than prompt.max_seq_len under prompt.overlong: fail; the message names them."""
 
 
-def tokenize_example(messages: list[dict], tokenizer, chat: bool) -> tuple[list[int], list[int], int]:
-    """input_ids, labels (-100 on the prompt), prompt length; EOS ends the labels."""
+def tokenize_example(
+    messages: list[dict], tokenizer, chat: bool, all_turns: bool = False
+) -> tuple[list[int], list[int], int]:
+    """input_ids, labels (-100 where nothing is learned), prompt length; EOS ends the labels.
+
+    The last assistant turn is always learned. With `all_turns` (chat template only) every earlier assistant turn
+    is too, each from its first token through its end-of-turn token; system and user turns, and the template's
+    "<|im_start|>assistant" headers, stay -100. The prompt (everything before the last answer) is tokenized in
+    one piece either way, exactly as generation tokenizes it (core.serving, core.evaluation).
+    """
     prompt, response = render(messages, tokenizer, chat)
     # The chat template carries its own special tokens; Alpaca adds BOS if the tokenizer uses one.
-    prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+    spans = earlier_answer_spans(messages, tokenizer, prompt) if chat and all_turns else []
+    if spans:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        prompt_ids = enc["input_ids"]
+        prompt_labels = [
+            tid if any(lo <= start < hi for lo, hi in spans) else IGNORE
+            for tid, (start, _end) in zip(prompt_ids, enc["offset_mapping"])
+        ]
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        prompt_labels = [IGNORE] * len(prompt_ids)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id not in response_ids:
         response_ids = response_ids + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, len(prompt_ids)
+    return prompt_ids + response_ids, prompt_labels + response_ids, len(prompt_ids)
+
+
+def earlier_answer_spans(messages: list[dict], tokenizer, prompt: str) -> list[tuple[int, int]]:
+    """Character spans, in the rendered prompt, of every assistant turn before the last one: from where the
+    template's generation prompt ends to where the turn (end-of-turn marker included) ends."""
+    spans = []
+    for k, message in enumerate(messages[:-1]):
+        if message["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False)
+        end = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not (end.startswith(start) and prompt.startswith(end)):
+            raise ValueError(
+                "prompt.train_on: all_turns needs a chat template that renders each turn as a prefix of the whole "
+                "conversation; this one does not (use train_on: last_turn)"
+            )
+        spans.append((len(start), len(end)))
+    return spans
 
 
 def is_eval(prompt_text: str, seed: int, fraction: float) -> bool:
@@ -80,7 +116,7 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
     has_eval_rows = "eval" in set(clean["split"])
     for row in clean:
         messages = with_system(row["messages"], cfg.system_prompt)
-        ids, labels, prompt_len = tokenize_example(messages, tokenizer, chat)
+        ids, labels, prompt_len = tokenize_example(messages, tokenizer, chat, cfg.train_on == "all_turns")
         if len(ids) > cfg.max_seq_len:
             overlong.append(f"{row['id']} ({len(ids)} tokens)")
             if cfg.overlong == "fail":

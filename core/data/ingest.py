@@ -183,6 +183,10 @@ def _text(row_id: str, rec: dict, column: str, field: str, required: bool) -> st
     return value
 
 
+# ShareGPT's role names (FastChat, Vicuna and most datasets that followed) -> ours
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
 def _messages(row_id: str, rec: dict, data: DataSource) -> list[dict[str, Any]]:
     if data.format == "instruction":
         col = {c: data.columns.get(c, c) for c in INSTRUCTION_COLUMNS}
@@ -191,22 +195,35 @@ def _messages(row_id: str, rec: dict, data: DataSource) -> list[dict[str, Any]]:
         output = _text(row_id, rec, col["output"], "output", required=True)
         user = instruction if not extra or instruction is None else f"{instruction}\n\n{extra}"
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    column = data.columns.get("messages", "messages")
+    sharegpt = data.format == "sharegpt"
+    column = data.columns.get("messages", "conversations" if sharegpt else "messages")
     if column not in rec:
         raise IngestError(f"{row_id}: missing column '{column}' (mapped to 'messages'); columns present: {sorted(rec)}")
     turns = rec[column]
     if hasattr(turns, "tolist"):  # parquet gives numpy arrays
         turns = turns.tolist()
+    defaults = {"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}
+    role_key, content_key = (data.turn_keys.get(k, defaults[k]) for k in ("role", "content"))
+    roles = data.roles or (SHAREGPT_ROLES if sharegpt else {})
     if not isinstance(turns, list):
-        raise IngestError(f"{row_id}: field '{column}' must be a list of {{role, content}}, got {type(turns).__name__}")
+        raise IngestError(
+            f"{row_id}: field '{column}' must be a list of {{{role_key}, {content_key}}}, got {type(turns).__name__}"
+        )
     out = []
     for j, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise IngestError(f"{row_id}: {column}[{j}] must be an object with 'role' and 'content', got {turn!r:.80}")
-        for key in ("role", "content"):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            hint = ""
+            if isinstance(turn, dict) and {"from", "value"} <= set(turn) and not sharegpt:
+                hint = " (this looks like ShareGPT data: set data.format: sharegpt)"
+            raise IngestError(
+                f"{row_id}: {column}[{j}] must be an object with '{role_key}' and '{content_key}', got "
+                f"{turn!r:.80}{hint}"
+            )
+        for key in (role_key, content_key):
             if turn[key] is not None and not isinstance(turn[key], str):
                 raise IngestError(f"{row_id}: {column}[{j}].{key} must be a string, got {type(turn[key]).__name__}")
-        out.append({"role": turn["role"], "content": turn["content"]})
+        # an unknown role passes through: validation reports it (or drops the row, by validation.policy)
+        out.append({"role": roles.get(turn[role_key], turn[role_key]), "content": turn[content_key]})
     return out
 
 
