@@ -153,6 +153,12 @@ class TrainConfig(_Strict):
     optim: str = "auto"  # auto: paged_adamw_8bit on CUDA, adamw_torch on CPU
     gradient_checkpointing: bool = True  # ~30% slower steps, far less activation memory
     eval_every: int = Field(0, ge=0)  # optimizer steps between eval-loss passes; 0: only at the end
+    # With eval_every: ship the checkpoint with the lowest eval loss, not the last step's (transformers'
+    # load_best_model_at_end; save_every must be a multiple of eval_every so every such checkpoint is on disk).
+    keep_best: bool = True
+    # With eval_every and keep_best: stop after this many evaluations in a row without a lower eval loss.
+    # None: run every step. Saves the steps an overfitting run would waste.
+    early_stopping_patience: int | None = Field(None, ge=1)
     save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
     save_total_limit: int = Field(2, ge=1)  # checkpoints kept on disk
     logging_steps: int = Field(5, ge=1)
@@ -166,6 +172,17 @@ class TrainConfig(_Strict):
     # while other processes keep some of them busy and raised again when they stop: two runs at once then cost
     # about 2x one run instead of ~10x (docs/performance.md). A number: exactly that many threads, never changed.
     cpu_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+
+    @model_validator(mode="after")
+    def _best_checkpoint_needs_evals(self) -> TrainConfig:
+        if self.early_stopping_patience is not None and not (self.eval_every and self.keep_best):
+            raise ValueError("early_stopping_patience needs eval_every > 0 and keep_best: true (it stops on eval loss)")
+        if self.eval_every and self.keep_best and self.save_every % self.eval_every:
+            raise ValueError(
+                f"keep_best with eval_every={self.eval_every} needs save_every to be a multiple of it (got "
+                f"{self.save_every}): the best step must have been saved; or set keep_best: false"
+            )
+        return self
 
 
 class GateConfig(_Strict):

@@ -27,6 +27,12 @@ class TrainMetrics(HtmlReport):
     device: str
     loss_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, train loss)
     eval_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, eval loss)
+    best_step: int | None = None  # train.keep_best: the step whose checkpoint was shipped (lowest eval loss)
+    stopped_early: bool = False  # train.early_stopping_patience ended the run before max_steps
+
+    def summary(self) -> dict:
+        """Every field but the curves, and none that is None: what goes into ZenML metadata (which holds no None)."""
+        return {k: v for k, v in self.model_dump(exclude={"loss_curve", "eval_curve"}).items() if v is not None}
 
     def to_html(self) -> str:
         resumed = (
@@ -34,8 +40,12 @@ class TrainMetrics(HtmlReport):
             if self.resumed_from_step
             else ""
         )
+        shipped = ""
+        if self.best_step is not None:
+            shipped = f"; shipped: the checkpoint of step {self.best_step} (lowest eval loss)"
+        stopped = " (stopped early: eval loss stopped improving)" if self.stopped_early else ""
         rows = [
-            ["optimizer steps", f"{self.steps:,}{resumed}"],
+            ["optimizer steps", f"{self.steps:,}{resumed}{stopped}{shipped}"],
             ["train loss, last logged step", f"{self.final_train_loss:.4g} nats/token"],
             [
                 "held-out loss, trainer's eval",

@@ -44,7 +44,7 @@ def select_best(
     """Every list is in the order of `points`."""
     i, table = best_point(points, values, eval_reports, train_metrics)
     logger.info("sweep: best of %d points is %s (eval loss %.4f)", len(points), points[i], table.rows[i].eval_loss)
-    summary = train_metrics[i].model_dump(exclude={"loss_curve", "eval_curve"})
+    summary = train_metrics[i].summary()
     log_metadata(metadata={"sweep_point": points[i], **summary}, artifact_name="adapter", infer_artifact=True)
     log_metadata(metadata={"best": points[i], "points": len(points)}, artifact_name="sweep_table", infer_artifact=True)
     # on the model version as a single run's train and evaluate steps record them, plus the sweep

@@ -30,7 +30,7 @@ def summarize_tasks(
         row.task: {
             "adapter": row.adapter,
             "lora": row.lora,
-            "training": m.model_dump(exclude={"loss_curve", "eval_curve"}),
+            "training": m.summary(),
             "evaluation": registry.evaluation_summary(report),
         }
         for row, report, m in zip(summary.tasks, eval_reports, train_metrics)

@@ -49,7 +49,7 @@ def train(
         adapter, metrics = train_adapter(
             train_dataset, eval_dataset, base, quant, lora, train, out / "adapter", callbacks=live
         )
-    summary = metrics.model_dump(exclude={"loss_curve", "eval_curve"})
+    summary = metrics.summary()
     if train.num_processes > 1:
         summary["num_processes"] = train.num_processes
     logger.info("%s done: %s", candidate.label, json.dumps(summary))

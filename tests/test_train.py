@@ -92,3 +92,39 @@ def test_checkpoint_saves_never_look_up_the_hub(tmp_path, tiny_source, tiny_spli
     )
     assert lookups == []
     assert "HF_HUB_OFFLINE" not in os.environ  # training does not switch the process offline
+
+
+def test_keep_best_ships_the_lowest_eval_loss_checkpoint_and_early_stopping_ends_the_run(
+    tmp_path, tiny_source, tiny_splits
+):
+    """A learning rate far too high: the eval loss turns up after a step or two; patience 1 stops the run, and the
+    adapter shipped is the checkpoint of the step with the lowest eval loss, not the last one."""
+    from conftest import qa_rows
+    from datasets import Dataset
+
+    from core.data.formatting import tokenize_example
+    from core.models import load_tokenizer
+
+    train, _ = tiny_splits
+    # held-out rows that contradict the training answers: the better the model learns them, the worse these score
+    tok = load_tokenizer(tiny_source)
+    rows = [tokenize_example([m[0], {"role": "assistant", "content": "No idea, sorry."}], tok, True)
+            for m in qa_rows(8)["messages"]]  # fmt: skip
+    contradicting = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
+    cfg = TrainConfig(**{**TINY_TRAIN, "learning_rate": 0.05, "max_steps": 12, "save_every": 1, "save_total_limit": 20},
+                      eval_every=1, early_stopping_patience=2, checkpoint_dir=str(tmp_path / "ckpt"))  # fmt: skip
+    adapter, metrics = train_adapter(
+        train, contradicting, tiny_source, QuantConfig(), LoraSettings(**TINY_LORA), cfg, tmp_path / "adapter"
+    )
+    curve = dict(metrics.eval_curve)
+    best = min(curve, key=curve.get)
+    assert metrics.best_step == best and metrics.final_eval_loss == pytest.approx(curve[best], rel=1e-4)
+    assert metrics.stopped_early and metrics.steps < 12 and metrics.steps == best + 2  # two evals without a new low
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    shipped = load_file(adapter.path / "adapter_model.safetensors")
+    at_best = load_file(run_dir / f"checkpoint-{best}" / "adapter_model.safetensors")
+    at_last = load_file(run_dir / f"checkpoint-{metrics.steps}" / "adapter_model.safetensors")
+    assert shipped.keys() == at_best.keys()
+    assert all(torch.equal(shipped[k], at_best[k]) for k in shipped)
+    assert any(not torch.equal(shipped[k], at_last[k]) for k in shipped)
+    assert f"the checkpoint of step {best} (lowest eval loss)" in metrics.to_html()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from core import models
@@ -172,6 +172,10 @@ def sft_args(
         use_cpu=not cuda,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
+        # keep_best: the checkpoint with the lowest eval loss is loaded back at the end and shipped
+        load_best_model_at_end=bool(cfg.eval_every and cfg.keep_best),
+        metric_for_best_model="eval_loss" if cfg.eval_every and cfg.keep_best else None,
+        greater_is_better=False if cfg.eval_every and cfg.keep_best else None,
         save_strategy="steps",
         save_steps=cfg.save_every,
         save_total_limit=cfg.save_total_limit,
@@ -325,7 +329,10 @@ def train_adapter(
             tokenizer,
             dtype,
             labels_only_logits=cfg.labels_only_logits,
-            callbacks=[progress] + ([CpuShareCallback(cpu_share)] if cpu_share else []) + list(callbacks or []),
+            callbacks=[progress]
+            + ([CpuShareCallback(cpu_share)] if cpu_share else [])
+            + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else [])
+            + list(callbacks or []),
         )
 
     if resume:
@@ -336,9 +343,17 @@ def train_adapter(
     with local_base_name(peft_model, model):
         trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
     seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None
-    if final_eval is not None and (not progress.eval_curve or progress.eval_curve[-1][0] != trainer.state.global_step):
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    best_step = int(Path(best).name.split("-")[-1]) if best else None
+    last_eval_step = progress.eval_curve[-1][0] if progress.eval_curve else None
+    evals = len(progress.eval_curve)
+    final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None  # of the shipped (best) weights
+    if best_step is not None:
+        del progress.eval_curve[evals:]  # the best step's loss again, not a new point at the last step
+    if final_eval is not None and best_step is None and last_eval_step != trainer.state.global_step:
         progress.eval_curve.append((trainer.state.global_step, float(final_eval)))
+    if best_step is not None:
+        logger.info("shipping the checkpoint of step %d: the lowest eval loss (%.4f)", best_step, final_eval)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # adapter_config.json + adapter_model.safetensors; the embeddings are not trained, and checking whether
@@ -362,5 +377,7 @@ def train_adapter(
         device=torch.cuda.get_device_name() if cuda else "cpu",
         loss_curve=progress.loss_curve,
         eval_curve=progress.eval_curve,
+        best_step=best_step,
+        stopped_early=bool(cfg.early_stopping_patience and trainer.state.global_step < trainer.state.max_steps),
     )
     return ModelFolder(out_dir), metrics
