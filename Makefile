@@ -31,7 +31,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf tracking-setup tracking mlflow-ui
+.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +58,13 @@ browser:
 	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ; } || \
 	echo "chromium not installed: tests/test_dashboard.py will skip (apt-get install chromium)"
 
+# make test: everything but the integration suites (servers, a browser), which make test-integration runs;
+# CI (.ci/run) runs both
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: setup browser
+	$(BIN)/python -m pytest -q -m integration
 
 $(BIN)/.gguf: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[dev,gguf]"

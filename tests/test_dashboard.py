@@ -26,7 +26,7 @@ import pytest
 from cdp import Browser, find_chromium
 from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # a ZenML server and Chromium: make test-integration
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "outputs" / "dashboard"

@@ -232,6 +232,7 @@ def invoke(deployment: tuple, **parameters) -> requests.Response:
     return requests.post(url + "/invoke", json={"parameters": parameters}, headers=headers, timeout=120)
 
 
+@pytest.mark.integration  # a deployed server process: make test-integration
 def test_deployment_answers_switches_and_survives_bad_requests(deployment, tiny_source, two_adapters):
 
     url, name, key = deployment
@@ -279,6 +280,7 @@ def test_deployment_answers_switches_and_survives_bad_requests(deployment, tiny_
     assert again["success"] and again["outputs"]["answer"] == out["answer"]
 
 
+@pytest.mark.integration  # a deployed server process: make test-integration
 def test_openai_client_against_the_deployment(deployment, tiny_source, two_adapters):
     """The official client, over HTTP, with the deployment's key: chat, stream, switch adapters, errors, 401s."""
     import openai
@@ -314,6 +316,7 @@ def test_openai_client_against_the_deployment(deployment, tiny_source, two_adapt
     assert "/v1/chat/completions" in logs and key not in logs
 
 
+@pytest.mark.integration  # a deployed server process: make test-integration
 def test_deprovision_stops_the_server(deployment):
     from zenml.client import Client
 

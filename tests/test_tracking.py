@@ -21,6 +21,7 @@ from conftest import TINY_LORA, TINY_TRAIN, default_stack_plus, instruction_rows
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.integration,  # MLflow's UI and Chromium: make test-integration
     pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed: make tracking"),
 ]
 
