@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from core import models
+
 logger = logging.getLogger(__name__)
 
 BASE_ROW = "__base__"  # peft's adapter_names entry for "no adapter" in a mixed batch
@@ -81,9 +83,7 @@ class BatchEngine:
         self.model, self.tokenizer, self.lock = model, tokenizer, lock
         self.is_peft, self.base_name = is_peft, base_name
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_ms / 1000
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.eos_ids = models.end_of_turn_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._waiting: collections.deque[Generation] = collections.deque()
         self._cv = threading.Condition()

@@ -79,10 +79,14 @@ def row_losses(model, ds: Dataset, batch_size: int, pad_id: int) -> list[tuple[f
     return out
 
 
+def mean_loss(rows: list[tuple[float, int]]) -> float:
+    """Token-weighted mean of row_losses' (summed loss, tokens) pairs, nats per token."""
+    return sum(n for n, _ in rows) / max(sum(c for _, c in rows), 1)
+
+
 def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
     """Mean cross-entropy over response tokens only (labels != -100), in nats per token."""
-    rows = row_losses(model, ds, batch_size, pad_id)
-    return sum(n for n, _ in rows) / max(sum(c for _, c in rows), 1)
+    return mean_loss(row_losses(model, ds, batch_size, pad_id))
 
 
 @torch.no_grad()
@@ -142,7 +146,7 @@ def bleu(answers: list[str], references: list[str]) -> float:
 def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelScores, list[str], list]:
     """The model's scores on `ds`, its greedy answers, and each row's (summed loss, tokens) for the bootstrap."""
     losses = row_losses(model, ds, cfg.batch_size, tokenizer.pad_token_id)
-    loss = sum(n for n, _ in losses) / max(sum(c for _, c in losses), 1)
+    loss = mean_loss(losses)
     sample = ds.select(range(min(cfg.num_generate, len(ds))))
     answers = generate_answers(model, tokenizer, sample, cfg.max_new_tokens, cfg.batch_size)
     references = [m[-1]["content"] for m in sample["messages"]]

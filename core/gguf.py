@@ -633,8 +633,7 @@ def export_llamacpp(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         dtype, placement = _load_dtype_device()
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).eval()
-        eos = ref.generation_config.eos_token_id
-        eos_ids = {i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None}
+        eos_ids = models.end_of_turn_ids(ref, tokenizer)
         want = hf_greedy_ids(ref, prompts, cfg.answer_tokens, eos_ids)
         ref_ppl = llamacpp.perplexity_hf(ref, rows)
         del ref
@@ -674,7 +673,7 @@ def export_llamacpp(
         if "f16" not in cfg.types:  # made only to quantize from
             f16.unlink()
             del files["f16"]
-        info["types"] = [k for k in cfg.types]
+        info["types"] = list(cfg.types)
         return files, info
     except BaseException:
         for f in written:

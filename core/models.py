@@ -173,6 +173,13 @@ def compute_dtype(name: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generated answer: the model's generation_config eos id(s) and the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+
+
 def load_tokenizer(src: ModelSource | BaseModelRef):
     from transformers import AutoTokenizer
 

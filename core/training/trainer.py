@@ -153,6 +153,7 @@ def sft_args(
     from trl import SFTConfig
 
     packing = pack_length is not None
+    keep_best = bool(cfg.eval_every and cfg.keep_best)
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -173,9 +174,9 @@ def sft_args(
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
         # keep_best: the checkpoint with the lowest eval loss is loaded back at the end and shipped
-        load_best_model_at_end=bool(cfg.eval_every and cfg.keep_best),
-        metric_for_best_model="eval_loss" if cfg.eval_every and cfg.keep_best else None,
-        greater_is_better=False if cfg.eval_every and cfg.keep_best else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False if keep_best else None,
         save_strategy="steps",
         save_steps=cfg.save_every,
         save_total_limit=cfg.save_total_limit,
