@@ -36,6 +36,11 @@ def summarize(run) -> str:
                 lines.append(f"    {metric:<12} {base:>10.3f} -> {tuned:.3f}")
         for metric, d in getattr(r, "differences", {}).items():
             lines.append(f"    {metric + ' change':<19} {d.delta:+.3f}  (95% CI {d.low:+.3f} to {d.high:+.3f})")
+        if getattr(r, "general_base", None) is not None:  # the forgetting check
+            lines.append(f"  general-ability probe, {r.general_rows} rows:  base -> fine-tuned")
+            for metric in ("loss", "rouge_l", "exact_match"):
+                base, tuned = getattr(r.general_base, metric), getattr(r.general_tuned, metric)
+                lines.append(f"    {metric:<12} {base:>10.3f} -> {tuned:.3f}")
         lines.append(f"  quality gate vs {r.reference_name}: {'passed' if r.gate_passed else 'FAILED'}")
     for step, name in (("merge", "merged_model"), ("push", "upload_bundle"), ("train", "adapter")):
         if art := output(step, name):

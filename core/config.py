@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from core.prompts import check_template
 
 
 class _Strict(BaseModel):
@@ -84,8 +95,10 @@ class ValidationConfig(_Strict):
 
 
 class PromptConfig(_Strict):
-    # auto: the tokenizer's chat template, or Alpaca-style when the tokenizer has none
-    template: Literal["auto", "chat", "alpaca"] = "auto"
+    # auto: the tokenizer's chat template, or Alpaca-style when the tokenizer has none; chat; alpaca; or your own
+    # template string for a base model without a chat template, e.g. "### Question: {instruction}\n### Answer: "
+    # ({instruction}: the user turn(s); {system}: the system prompt; literal braces as {{ }}), checked at load
+    template: Annotated[str, AfterValidator(check_template)] = "auto"
     system_prompt: str | None = None  # prepended as a system turn when the example has none
     # Multi-turn chat rows: learn every assistant turn (all_turns; each masked from its first token through its
     # end-of-turn token, system and user turns never learned), or only the last (last_turn). Single-turn rows and
@@ -196,6 +209,14 @@ class GateConfig(_Strict):
     # held-out rows below which the scores decide nothing (one row passed a gate once): the gate fails, saying how
     # many rows there are and how to get more; with on_fail: warn it only warns (and the version is not promoted)
     min_eval_rows: int = Field(20, ge=1)
+    # Forgetting, measured on the general-ability probe set (evaluate.general): the fine-tuned model's mean
+    # response-token loss there may rise by at most this fraction of the base's (0.5: +50%), and its exact-match
+    # rate may fall by at most this much (absolute, 0..1). None: not checked.
+    max_general_loss_increase: float | None = Field(0.5, ge=0)
+    max_general_em_drop: float | None = Field(0.15, ge=0, le=1)
+
+
+BUNDLED_PROBE = "data/general_probe/probe.jsonl"  # 100 everyday tasks, one right answer each (its README.md)
 
 
 class EvalConfig(_Strict):
@@ -206,6 +227,11 @@ class EvalConfig(_Strict):
     # eval report; seeded, so a rerun gives the same intervals. 0: no intervals. 1000 take well under a second.
     bootstrap_resamples: int = Field(1000, ge=0)
     bootstrap_seed: int = 0
+    # General-ability probe set, scored for base and fine-tuned like the held-out data (loss on every row, greedy
+    # answers on every row): did the model forget what it knew? A data source like `data:` (a local file or a Hub
+    # dataset: bring your own regression suite); every row is used, none trained on. null: no probe.
+    general: DataSource | None = Field(default_factory=lambda: DataSource(path=BUNDLED_PROBE))
+    general_max_new_tokens: int = Field(16, ge=1)  # every bundled probe answer fits in 16 tokens
     gate: GateConfig = Field(default_factory=GateConfig)
 
 

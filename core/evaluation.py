@@ -5,7 +5,9 @@ with the adapter merged in: that is what the FP16 merge ships. Scores:
 
 - mean cross-entropy per response token (nats) and perplexity, over every eval row;
 - greedy answers on the first `evaluate.num_generate` rows, scored by ROUGE-L F1
-  (the `rouge_score` package) and exact match against the reference.
+  (the `rouge_score` package), exact match against the reference and BLEU (sacrebleu);
+- the same on the general-ability probe set (`evaluate.general`, every row generated):
+  what the fine-tuned model may have forgotten.
 
 The quality gate compares the candidate with the base, and with the model
 version currently at `gate.compare_with_stage` when one exists and was scored
@@ -193,30 +195,11 @@ def paired_bootstrap(
     return out
 
 
-def evaluate_adapter(
-    adapter: ModelFolder,
-    eval_ds: Dataset,
-    model: ModelSource | BaseModelRef,
-    cfg: EvalConfig,
-    stage_reference: tuple[str, ModelScores] | None = None,
-) -> EvalReport:
-    """Base and fine-tuned scores on `eval_ds`, and the gate against the base (and `stage_reference`)."""
-    from peft import PeftModel
-
-    tokenizer = models.load_tokenizer(model)
-    base = models.load_base(model, quant=None).eval()
-    base_scores, base_answers, base_losses = score_model(base, tokenizer, eval_ds, cfg)
-    # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
-    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
-    tuned, tuned_answers, tuned_losses = score_model(tuned_model, tokenizer, eval_ds, cfg)
-    references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
-    passed, messages = apply_gate(tuned, references, cfg.gate, eval_rows=len(eval_ds))
-    generated = eval_ds.select(range(len(tuned_answers)))
+def _samples(ds: Dataset, base_answers: list[str], tuned_answers: list[str]):
+    """Side-by-side Samples of the generated rows, and each side's (ROUGE-L, exact) rows for the bootstrap."""
+    generated = ds.select(range(len(tuned_answers)))
     expected = [m[-1]["content"] for m in generated["messages"]]
     base_rows, tuned_rows = row_scores(base_answers, expected), row_scores(tuned_answers, expected)
-    differences = paired_bootstrap(
-        base_losses, tuned_losses, base_rows, tuned_rows, cfg.bootstrap_resamples, cfg.bootstrap_seed
-    )
     samples = [
         Sample(
             id=row["id"],
@@ -230,14 +213,60 @@ def evaluate_adapter(
             tuned_exact=t_exact,
         )
         for row, ref, b, t, (b_rouge, b_exact), (t_rouge, t_exact) in zip(
-            generated,
-            expected,
-            base_answers,
-            tuned_answers,
-            base_rows,
-            tuned_rows,
+            generated, expected, base_answers, tuned_answers, base_rows, tuned_rows
         )
     ]
+    return samples, base_rows, tuned_rows
+
+
+def evaluate_adapter(
+    adapter: ModelFolder,
+    eval_ds: Dataset,
+    model: ModelSource | BaseModelRef,
+    cfg: EvalConfig,
+    stage_reference: tuple[str, ModelScores] | None = None,
+    general_ds: Dataset | None = None,
+) -> EvalReport:
+    """Base and fine-tuned scores on `eval_ds` (and on the general-ability probe `general_ds`: every row's loss and
+    greedy answer), and the gate against the base (and `stage_reference`)."""
+    from peft import PeftModel
+
+    tokenizer = models.load_tokenizer(model)
+    base = models.load_base(model, quant=None).eval()
+    # The probe's answers are short: every row generated, with its own (smaller) token budget.
+    probe_cfg = cfg.model_copy(
+        update={"num_generate": len(general_ds or []), "max_new_tokens": cfg.general_max_new_tokens}
+    )
+    base_scores, base_answers, base_losses = score_model(base, tokenizer, eval_ds, cfg)
+    base_general = score_model(base, tokenizer, general_ds, probe_cfg) if general_ds is not None else None
+    # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
+    # (merge_and_unload changes `base` in place: every base score is taken above.)
+    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
+    tuned, tuned_answers, tuned_losses = score_model(tuned_model, tokenizer, eval_ds, cfg)
+    tuned_general = score_model(tuned_model, tokenizer, general_ds, probe_cfg) if general_ds is not None else None
+    references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
+    general = (base_general[0], tuned_general[0]) if general_ds is not None else None
+    passed, messages = apply_gate(tuned, references, cfg.gate, eval_rows=len(eval_ds), general=general)
+    samples, base_rows, tuned_rows = _samples(eval_ds, base_answers, tuned_answers)
+    differences = paired_bootstrap(
+        base_losses, tuned_losses, base_rows, tuned_rows, cfg.bootstrap_resamples, cfg.bootstrap_seed
+    )
+    probe = {}
+    if general_ds is not None:
+        (g_base, g_base_answers, g_base_losses), (g_tuned, g_tuned_answers, g_tuned_losses) = (
+            base_general,
+            tuned_general,
+        )
+        g_samples, g_base_rows, g_tuned_rows = _samples(general_ds, g_base_answers, g_tuned_answers)
+        probe = {
+            "general_rows": len(general_ds),
+            "general_base": g_base,
+            "general_tuned": g_tuned,
+            "general_samples": g_samples,
+            "general_differences": paired_bootstrap(
+                g_base_losses, g_tuned_losses, g_base_rows, g_tuned_rows, cfg.bootstrap_resamples, cfg.bootstrap_seed
+            ),
+        }
     return EvalReport(
         eval_rows=len(eval_ds),
         eval_dataset_hash=dataset_content_hash(eval_ds),
@@ -250,4 +279,5 @@ def evaluate_adapter(
         gate_messages=messages,
         samples=samples,
         differences=differences,
+        **probe,
     )

@@ -1,7 +1,8 @@
 """The quality gate: every decision about whether a candidate may ship, in one place.
 
 - apply_gate (run by evaluate): the candidate must beat the base, and the model version at
-  `evaluate.gate.compare_with_stage` when it was scored on the same eval data, by the configured margins.
+  `evaluate.gate.compare_with_stage` when it was scored on the same eval data, by the configured margins, on
+  enough held-out rows, without forgetting too much on the general-ability probe.
   The verdict and its reasons are stored in the EvalReport.
 - enforce_gate (run by merge, before anything is merged, and by summarize_tasks): a failed gate stops the
   run with QualityGateError, or only warns under `gate.on_fail: warn`.
@@ -23,9 +24,14 @@ class QualityGateError(RuntimeError):
 
 
 def apply_gate(
-    tuned: ModelScores, references: list[tuple[str, ModelScores]], gate: GateConfig, eval_rows: int | None = None
+    tuned: ModelScores,
+    references: list[tuple[str, ModelScores]],
+    gate: GateConfig,
+    eval_rows: int | None = None,
+    general: tuple[ModelScores, ModelScores] | None = None,
 ) -> tuple[bool, list[str]]:
-    """Candidate must beat every reference by the configured margins, on at least gate.min_eval_rows held-out rows;
+    """Candidate must beat every reference by the configured margins, on at least gate.min_eval_rows held-out rows,
+    and on the general-ability probe (`general`: base's and its scores) lose no more than the forgetting margins;
     returns (passed, reasons)."""
     passed, messages = True, []
     if eval_rows is not None:
@@ -57,6 +63,25 @@ def apply_gate(
             f"ROUGE-L {tuned.rouge_l:.4f} vs {name} {ref.rouge_l:.4f}: needs >= {min_rouge:.4f} "
             f"(max_rouge_drop={gate.max_rouge_drop}) -> {'ok' if ok else 'FAIL'}"
         )
+    if general is not None:
+        base, candidate = general
+        if gate.max_general_loss_increase is not None:
+            max_loss = base.loss * (1 + gate.max_general_loss_increase)
+            ok = candidate.loss <= max_loss
+            passed &= ok
+            messages.append(
+                f"general-ability loss {candidate.loss:.4f} vs base {base.loss:.4f} "
+                f"({candidate.loss / max(base.loss, 1e-9) - 1:+.1%}): needs <= {max_loss:.4f} "
+                f"(max_general_loss_increase={gate.max_general_loss_increase}) -> {'ok' if ok else 'FAIL'}"
+            )
+        if gate.max_general_em_drop is not None:
+            min_em = base.exact_match - gate.max_general_em_drop
+            ok = candidate.exact_match >= min_em - 1e-9
+            passed &= ok
+            messages.append(
+                f"general-ability exact match {candidate.exact_match:.4f} vs base {base.exact_match:.4f}: needs >= "
+                f"{min_em:.4f} (max_general_em_drop={gate.max_general_em_drop}) -> {'ok' if ok else 'FAIL'}"
+            )
     return passed, messages
 
 

@@ -26,12 +26,19 @@ logger = logging.getLogger(__name__)
 
 def evaluation_summary(report: EvalReport) -> dict[str, Any]:
     """The scores in the shape logged to a model version under `evaluation` (and read back by stage_reference)."""
-    return {
+    summary = {
         "eval_dataset_hash": report.eval_dataset_hash,
         "base": report.base.model_dump(),
         "tuned": report.tuned.model_dump(),
         "gate_passed": report.gate_passed,
     }
+    if report.general_base is not None and report.general_tuned is not None:  # the forgetting check
+        summary["general"] = {
+            "rows": report.general_rows,
+            "base": report.general_base.model_dump(),
+            "tuned": report.general_tuned.model_dump(),
+        }
+    return summary
 
 
 def stage_reference(

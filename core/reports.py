@@ -194,54 +194,80 @@ class EvalReport(HtmlReport):
     samples: list[Sample] = Field(default_factory=list)
     # fine-tuned minus base per metric (loss, rouge_l, exact_match) with 95% paired-bootstrap intervals
     differences: dict[str, Difference] = Field(default_factory=dict)
+    # the general-ability probe (evaluate.general; 0 rows / None: not probed): the forgetting check
+    general_rows: int = 0
+    general_base: ModelScores | None = None
+    general_tuned: ModelScores | None = None
+    general_differences: dict[str, Difference] = Field(default_factory=dict)
+    general_samples: list[Sample] = Field(default_factory=list)
 
     def to_html(self) -> str:
         generated = len(self.samples)
-        covers = {
-            "loss": f"all {self.eval_rows} rows",
-            "perplexity": f"all {self.eval_rows} rows",
-            "rouge_l": f"the first {generated} rows (greedy answers)",
-            "exact_match": f"the first {generated} rows (greedy answers)",
-            "bleu": f"the first {generated} rows (greedy answers; corpus BLEU, 0-100)",
-        }
-
-        def fmt(value) -> str:
-            return "n/a" if value is None else f"{value:.4g}"
-
-        def interval(metric: str) -> str:
-            d = self.differences.get(metric)
-            if d is None:
-                return ""
-            return f"{d.delta:+.4g} (95% CI {d.low:+.4g} to {d.high:+.4g}; {d.resamples} paired resamples of {d.rows})"
-
-        scores = html_table(
-            ["metric", "base", "fine-tuned", "fine-tuned - base", "rows it covers"],
-            [
-                [m, fmt(getattr(self.base, m)), fmt(getattr(self.tuned, m)), interval(m), covers[m]]
-                for m in ModelScores.model_fields
-            ],
-        )
         gate = "PASSED" if self.gate_passed else "FAILED"
         msgs = "".join(f"<li>{html.escape(m)}</li>" for m in self.gate_messages)
-
-        def mark(exact: bool | None, rouge: float | None) -> str:
-            if exact is None:
-                return ""
-            return ("exact" if exact else "not exact") + ("" if rouge is None else f", ROUGE-L {rouge:.2f}")
-
-        table = html_table(
-            ["id", "prompt", "reference", "base answer", "base", "fine-tuned answer", "fine-tuned"],
-            [
-                [s.id, s.prompt, s.reference, s.base_answer, mark(s.base_exact, s.base_rouge_l), s.tuned_answer,
-                 mark(s.tuned_exact, s.tuned_rouge_l)]
-                for s in self.samples
-            ],
-        )  # fmt: skip
-        return (
+        parts = [
             f"<h3>Evaluation on {self.eval_rows} held-out rows ({generated} of them answered by greedy generation)"
-            f"</h3>{scores}<p>Quality gate vs {html.escape(self.reference_name)}: <b>{gate}</b></p><ul>{msgs}</ul>"
-            f"<h3>Side by side: the {generated} generated answers</h3>{table}"
-        )
+            f"</h3>{score_table(self.base, self.tuned, self.differences, self.eval_rows, generated)}"
+            f"<p>Quality gate vs {html.escape(self.reference_name)}: <b>{gate}</b></p><ul>{msgs}</ul>"
+        ]
+        if self.general_base is not None and self.general_tuned is not None:
+            g = self.general_samples
+            forgotten = [x for x in g if x.base_exact and not x.tuned_exact]
+            learned = [x for x in g if x.tuned_exact and not x.base_exact]
+            parts.append(
+                f"<h3>General ability (forgetting check) on {self.general_rows} probe rows, every one answered</h3>"
+                + score_table(
+                    self.general_base, self.general_tuned, self.general_differences, self.general_rows, len(g)
+                )
+                + f"<p>Exact before, not after: {len(forgotten)}; not before, exact after: {len(learned)}.</p>"
+            )
+            if forgotten or learned:
+                parts.append("<h4>Probe answers that changed exactness</h4>" + sample_table(forgotten + learned))
+        parts.append(f"<h3>Side by side: the {generated} generated answers</h3>{sample_table(self.samples)}")
+        return "".join(parts)
+
+
+def score_table(
+    base: ModelScores, tuned: ModelScores, differences: dict[str, Difference], rows: int, generated: int
+) -> str:
+    """base / fine-tuned / difference (with its interval) per metric, and which rows each metric covers."""
+    covers = {
+        "loss": f"all {rows} rows",
+        "perplexity": f"all {rows} rows",
+        "rouge_l": f"the first {generated} rows (greedy answers)",
+        "exact_match": f"the first {generated} rows (greedy answers)",
+        "bleu": f"the first {generated} rows (greedy answers; corpus BLEU, 0-100)",
+    }
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    def interval(metric: str) -> str:
+        d = differences.get(metric)
+        if d is None:
+            return ""
+        return f"{d.delta:+.4g} (95% CI {d.low:+.4g} to {d.high:+.4g}; {d.resamples} paired resamples of {d.rows})"
+
+    return html_table(
+        ["metric", "base", "fine-tuned", "fine-tuned - base", "rows it covers"],
+        [[m, fmt(getattr(base, m)), fmt(getattr(tuned, m)), interval(m), covers[m]] for m in ModelScores.model_fields],
+    )
+
+
+def sample_table(samples: list[Sample]) -> str:
+    def mark(exact: bool | None, rouge: float | None) -> str:
+        if exact is None:
+            return ""
+        return ("exact" if exact else "not exact") + ("" if rouge is None else f", ROUGE-L {rouge:.2f}")
+
+    return html_table(
+        ["id", "prompt", "reference", "base answer", "base", "fine-tuned answer", "fine-tuned"],
+        [
+            [s.id, s.prompt, s.reference, s.base_answer, mark(s.base_exact, s.base_rouge_l), s.tuned_answer,
+             mark(s.tuned_exact, s.tuned_rouge_l)]
+            for s in samples
+        ],
+    )  # fmt: skip
 
 
 class PushResult(HtmlReport):

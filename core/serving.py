@@ -26,14 +26,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from core import models
 from core.batching import BatchEngine, Generation
 from core.config import ModelSource, _Strict
+from core.prompts import check_template
 
 ADAPTER_ARTIFACT = "adapter"  # single-task pipeline output (steps/train.py)
 ADAPTER_PREFIX = "adapter_"  # multi-task outputs: adapter_<task>
@@ -60,7 +61,8 @@ class ServeConfig(_Strict):
     # Adapter used when a request names none; None: "default" if loaded, else the first task name in sorted order.
     default_adapter: str | None = None
     # Prompt rendering: keep these equal to the training config's `prompt:` block, or answers drift in format.
-    template: Literal["auto", "chat", "alpaca"] = "auto"
+    # auto / chat / alpaca, or a template string such as "### Question: {instruction}\n### Answer: "
+    template: Annotated[str, AfterValidator(check_template)] = "auto"
     system_prompt: str | None = None
     # Per-adapter system prompt (adapter name -> text), for tasks trained with their own; overrides system_prompt.
     system_prompts: dict[str, str] = Field(default_factory=dict)
@@ -194,7 +196,7 @@ class ServedModel:
     tokenizer: Any
     adapters: list[str]  # names a request may use (sorted), `base` included in adapters mode
     default_adapter: str
-    chat: bool  # chat template (True) or Alpaca (False), as format_prompts decided for training
+    prompt_format: str  # "chat", "alpaca" or the user's template string, as format_prompts decided for training
     context_length: int
     config: ServeConfig
     info: dict[str, Any] = field(default_factory=dict)  # model version, base, artifact ids, load seconds
@@ -238,7 +240,7 @@ def build_served_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.config import QuantConfig
-    from core.prompts import use_chat_template
+    from core.prompts import prompt_format
 
     started = time.perf_counter()
     dtype = models.compute_dtype(cfg.dtype)
@@ -291,7 +293,7 @@ def build_served_model(
         tokenizer=tokenizer,
         adapters=names,
         default_adapter=default,
-        chat=use_chat_template(tokenizer, cfg.template),
+        prompt_format=prompt_format(tokenizer, cfg.template),
         context_length=int(context),
         config=cfg,
         info=info,
@@ -382,9 +384,9 @@ def conversation_ids(served: ServedModel, messages: list[dict], adapter: str) ->
     from core.prompts import render_prompt, with_system
 
     system = served.config.system_prompts.get(adapter, served.config.system_prompt)
-    text = render_prompt(with_system(messages, system), served.tokenizer, served.chat)
+    text = render_prompt(with_system(messages, system), served.tokenizer, served.prompt_format)
     # The chat template carries its own special tokens; Alpaca adds BOS if the tokenizer uses one (as in training).
-    return served.tokenizer(text, add_special_tokens=not served.chat)["input_ids"]
+    return served.tokenizer(text, add_special_tokens=served.prompt_format != "chat")["input_ids"]
 
 
 def prompt_ids(served: ServedModel, prompt: str, adapter: str) -> list[int]:

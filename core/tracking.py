@@ -137,8 +137,10 @@ def log_evaluation(report, candidate=None) -> None:
 
     tag_run(candidate)
     metrics = {}
-    for side, scores in (("base", report.base), ("finetuned", report.tuned)):
-        for key in ("loss", "perplexity", "rouge_l", "exact_match"):
+    sides = [("base", report.base), ("finetuned", report.tuned)]
+    sides += [("general_base", report.general_base), ("general_finetuned", report.general_tuned)]
+    for side, scores in sides:
+        for key in ("loss", "perplexity", "rouge_l", "exact_match", "bleu"):
             value = getattr(scores, key, None)
             if value is not None:
                 metrics[f"{side}_{key}"] = float(value)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from core.config import Candidate, PipelineConfig
 from core.models import BaseModelRef
-from pipelines.single_run import prepare_data, train_and_evaluate
+from pipelines.single_run import general_probe, prepare_data, train_and_evaluate
 from steps.promote import promote
 from steps.summarize_tasks import summarize_tasks
 
 
 def multitask_run(config: PipelineConfig, base: BaseModelRef) -> None:
     reports, metrics = [], []
+    general = general_probe(config, base)  # one probe for every task's adapter
     for task in config.tasks:
         train_ds, eval_ds = prepare_data(config, base, data=task.data, suffix=f"_{task.name}")
         _adapter, train_metrics, report = train_and_evaluate(
@@ -29,6 +30,7 @@ def multitask_run(config: PipelineConfig, base: BaseModelRef) -> None:
             config.task_lora(task),
             config.train,
             Candidate(kind="task", name=task.name),
+            general=general,
         )
         reports.append(report)
         metrics.append(train_metrics)

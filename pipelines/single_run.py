@@ -1,6 +1,7 @@
 """The single-run DAG: one adapter, merged, pushed and promoted.
 
 ingest -> validate -> format_prompts -> train -> evaluate -> merge [-> export_gguf] -> push -> promote
+                                        load_probe ----^   (evaluate.general: the forgetting check)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from steps.evaluate import evaluate
 from steps.export_gguf import export_gguf
 from steps.format_prompts import format_prompts
 from steps.ingest import ingest
+from steps.load_probe import load_probe
 from steps.merge import merge
 from steps.promote import promote
 from steps.push import push
@@ -30,8 +32,17 @@ def prepare_data(config: PipelineConfig, base: BaseModelRef, data=None, suffix: 
     return format_prompts(clean, base=base, prompt=config.prompt, id=f"format_prompts{suffix}")
 
 
+def general_probe(config: PipelineConfig, base: BaseModelRef):
+    """The general-ability probe set as a dataset artifact (None when evaluate.general is null); one per run,
+    shared by every candidate's evaluate."""
+    general = config.evaluate.general
+    if general is None:
+        return None
+    return load_probe(general=general, fingerprint=source_fingerprint(general), base=base, prompt=config.prompt)
+
+
 def train_and_evaluate(
-    config: PipelineConfig, base: BaseModelRef, train_ds, eval_ds, lora, train_settings, candidate=None
+    config: PipelineConfig, base: BaseModelRef, train_ds, eval_ds, lora, train_settings, candidate=None, general=None
 ):
     """train -> evaluate for one candidate (the run's adapter, a task's or a sweep point's); (adapter, metrics, report).
 
@@ -55,7 +66,13 @@ def train_and_evaluate(
         id=ids["train"],
     )
     report = evaluate.with_options(substitutions=names, **tracked)(
-        adapter, eval_ds, base=base, evaluate=config.evaluate, candidate=candidate, id=ids["evaluate"]
+        adapter,
+        eval_ds,
+        base=base,
+        evaluate=config.evaluate,
+        candidate=candidate,
+        general_dataset=general,
+        id=ids["evaluate"],
     )
     return adapter, metrics, report
 
@@ -71,6 +88,9 @@ def ship(config: PipelineConfig, base: BaseModelRef, adapter, report, metrics, e
 
 def single_run(config: PipelineConfig, base: BaseModelRef) -> None:
     train_ds, eval_ds = prepare_data(config, base)
+    general = general_probe(config, base)
     # train.num_processes > 1 trains across N GPUs inside the same step (core/training/distributed.py)
-    adapter, metrics, report = train_and_evaluate(config, base, train_ds, eval_ds, config.lora, config.train)
+    adapter, metrics, report = train_and_evaluate(
+        config, base, train_ds, eval_ds, config.lora, config.train, general=general
+    )
     ship(config, base, adapter, report, metrics, eval_ds, config.lora, config.train)

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from core.config import Candidate, PipelineConfig
 from core.models import BaseModelRef
-from pipelines.single_run import prepare_data, ship, train_and_evaluate
+from pipelines.single_run import general_probe, prepare_data, ship, train_and_evaluate
 from steps.select_best import select_best
 
 
 def sweep_run(config: PipelineConfig, base: BaseModelRef) -> None:
     train_ds, eval_ds = prepare_data(config, base)
+    general = general_probe(config, base)
     points = config.sweep_points()
     adapters, reports, metrics = [], [], []
     for point in points:
         adapter, train_metrics, report = train_and_evaluate(
-            config, base, train_ds, eval_ds, point.lora, point.train, Candidate(kind="point", name=point.id)
+            config, base, train_ds, eval_ds, point.lora, point.train, Candidate(kind="point", name=point.id), general
         )
         adapters.append(adapter)
         reports.append(report)

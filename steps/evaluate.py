@@ -1,5 +1,5 @@
-"""Step 5, evaluate: the fine-tuned model against the base (and the current stage) on the held-out split,
-with the quality gate's verdict (core/evaluation.py, core/gate.py).
+"""Step 5, evaluate: the fine-tuned model against the base (and the current stage) on the held-out split and
+the general-ability probe, with the quality gate's verdict (core/evaluation.py, core/gate.py).
 
 Like train, one step for a single run, each task and each sweep point: `candidate` names its output.
 """
@@ -32,6 +32,7 @@ def evaluate(
     base: BaseModelRef,
     evaluate: EvalConfig,
     candidate: Candidate = Candidate(),
+    general_dataset: Dataset | None = None,
 ) -> Annotated[EvalReport, "{prefix}eval_report{suffix}"]:
     quiet_libraries()
     model_name, stage = registry.current_model_name(), evaluate.gate.compare_with_stage
@@ -39,7 +40,9 @@ def evaluate(
     if stage and model_name:
         task = candidate.name if candidate.kind == "task" else None
         reference = registry.stage_reference(model_name, stage, dataset_content_hash(eval_dataset), task=task)
-    report = evaluate_adapter(adapter, eval_dataset, base, evaluate, stage_reference=reference)
+    report = evaluate_adapter(
+        adapter, eval_dataset, base, evaluate, stage_reference=reference, general_ds=general_dataset
+    )
     for line in report.gate_messages:
         logger.info("gate: %s", line)
     logger.info(
@@ -53,6 +56,19 @@ def evaluate(
         report.tuned.exact_match,
         "passed" if report.gate_passed else "FAILED",
     )
+    if report.general_base is not None and report.general_tuned is not None:
+        g0, g1 = report.general_base, report.general_tuned
+        logger.info(
+            "%s: general-ability probe (%d rows): loss %.4f -> %.4f; exact match %.2f -> %.2f; ROUGE-L %.3f -> %.3f",
+            candidate.label,
+            report.general_rows,
+            g0.loss,
+            g1.loss,
+            g0.exact_match,
+            g1.exact_match,
+            g0.rouge_l,
+            g1.rouge_l,
+        )
     tracking.log_evaluation(report, candidate)  # MLflow, when tracked
     evaluation = registry.evaluation_summary(report)
     who = {candidate.kind: candidate.name} if candidate.name else {}

@@ -23,6 +23,21 @@ from core.config import ModelSource  # noqa: E402
 from core.tiny import build_tiny_model  # noqa: E402, F401  (tests import it from here)
 
 
+def pytest_configure(config):
+    # registered here, not in pyproject.toml (editing it would rebuild the venv and the stack's base image)
+    config.addinivalue_line(
+        "markers",
+        "container: the local-container stack for real (Docker, moto S3, a ZenML server): make test-stack, not make test",
+    )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The throwaway ZenML home (its SQLite store and local artifact store) goes with the session."""
+    import shutil
+
+    shutil.rmtree(_ZENML_HOME, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def zenml_home() -> Path:
     """The temporary ZenML config dir; source root pinned to the repo."""

@@ -104,7 +104,12 @@ def run_report(server, tmp_path_factory, tiny_model_dir):
         "lora": TINY_LORA,
         # 4 steps: enough for a loss curve; the dashboard, not the training, is under test here
         "train": {**TINY_TRAIN, "max_steps": 4, "checkpoint_dir": str(root / "ckpt")},
-        "evaluate": {"num_generate": 2, "max_new_tokens": 8, "gate": {"on_fail": "warn", "min_eval_rows": 1}},
+        "evaluate": {
+            "general": None,
+            "num_generate": 2,
+            "max_new_tokens": 8,
+            "gate": {"on_fail": "warn", "min_eval_rows": 1},
+        },
         "push": {"mode": "dry_run", "repo_id": "tests/tiny"},
         "promote_to": "staging",
     }

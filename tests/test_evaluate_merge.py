@@ -87,6 +87,53 @@ def test_merge_mismatch_fails_before_writing(trained_adapter, tiny_splits, tiny_
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder it was staged in
 
 
+def test_gate_stops_a_candidate_that_forgot_too_much_on_the_probe():
+    better = ModelScores(loss=1.0, perplexity=2.7, rouge_l=0.6, exact_match=0.2)
+    worse = ModelScores(loss=1.5, perplexity=4.5, rouge_l=0.5, exact_match=0.1)
+    probe_base = ModelScores(loss=2.0, perplexity=7.4, rouge_l=0.7, exact_match=0.70)
+    gate = GateConfig(max_general_loss_increase=0.25, max_general_em_drop=0.10)
+    ok_probe = ModelScores(loss=2.4, perplexity=11.0, rouge_l=0.65, exact_match=0.61)  # +20%, -0.09
+    passed, msgs = apply_gate(better, [("base", worse)], gate, general=(probe_base, ok_probe))
+    assert passed, msgs
+    assert any(m.startswith("general-ability loss 2.4000 vs base 2.0000 (+20.0%)") for m in msgs)
+    # learned the task, forgot the rest: loss +30% and exact match -0.2 both fail
+    forgot = ModelScores(loss=2.6, perplexity=13.5, rouge_l=0.4, exact_match=0.50)
+    passed, msgs = apply_gate(better, [("base", worse)], gate, general=(probe_base, forgot))
+    failed = [m for m in msgs if m.endswith("FAIL")]
+    assert not passed and len(failed) == 2
+    assert "max_general_loss_increase=0.25" in failed[0] and "max_general_em_drop=0.1" in failed[1]
+    # None switches a check off
+    off = GateConfig(max_general_loss_increase=None, max_general_em_drop=None)
+    assert apply_gate(better, [("base", worse)], off, general=(probe_base, forgot))[0]
+
+
+def test_probe_is_scored_for_both_models_and_reported(trained_adapter, tiny_splits, tiny_source):
+    """The forgetting check end to end on the tiny model: every probe row answered by base and fine-tuned."""
+    from core.config import PromptConfig
+    from core.data.formatting import format_probe
+    from core.data.ingest import load_rows
+    from core.models import load_tokenizer
+
+    adapter, _, _ = trained_adapter
+    probe = load_rows(EvalConfig().general).select(range(12))  # the bundled probe set, first 12 rows
+    general = format_probe(probe, load_tokenizer(tiny_source), PromptConfig())
+    assert len(general) == 12 and all(len(m) == 2 for m in general["messages"])
+    cfg = EvalConfig(num_generate=2, max_new_tokens=6, general_max_new_tokens=5, gate=GateConfig(min_eval_rows=5))
+    report = evaluate_adapter(adapter, tiny_splits[1], tiny_source, cfg, general_ds=general)
+    assert report.general_rows == 12 and len(report.general_samples) == 12
+    assert report.general_base.loss > 0 and report.general_tuned.loss > 0
+    assert set(report.general_differences) == {"loss", "rouge_l", "exact_match"}
+    # the adapter changed the model: its probe loss moved; the gate quoted it either way
+    assert report.general_tuned.loss != pytest.approx(report.general_base.loss, abs=1e-4)
+    assert any(m.startswith("general-ability loss") for m in report.gate_messages)
+    html = report.to_html()
+    assert "General ability (forgetting check) on 12 probe rows" in html
+    strict = cfg.model_copy(update={"gate": GateConfig(min_eval_rows=5, max_general_loss_increase=0.0)})
+    worse = report.general_tuned.loss > report.general_base.loss
+    strict_report = evaluate_adapter(adapter, tiny_splits[1], tiny_source, strict, general_ds=general)
+    assert strict_report.gate_passed is (report.gate_passed and not worse)
+
+
 def test_gate_fails_on_too_few_held_out_rows_and_says_how_to_get_more():
     better = ModelScores(loss=1.0, perplexity=2.7, rouge_l=0.6, exact_match=0.2)
     worse = ModelScores(loss=1.5, perplexity=4.5, rouge_l=0.5, exact_match=0.1)

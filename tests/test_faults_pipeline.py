@@ -120,6 +120,7 @@ def runs(zenml_home, tmp_path_factory, tiny_model_dir, bundled_tokenizer_dir):
             "lora": TINY_LORA,
             "train": {**TINY_TRAIN, "checkpoint_dir": str(root / "ckpt")},
             "evaluate": {
+                "general": None,  # the probe: tests/test_pipeline.py
                 "num_generate": 2,
                 "max_new_tokens": 8,
                 "gate": {"compare_with_stage": "staging", "on_fail": "warn", "min_eval_rows": 1},
@@ -240,7 +241,7 @@ def test_prompt_template_source_feeds_the_format_prompts_cache_key(runs, tmp_pat
     assert key() == step_run.cache_key  # the same computation ZenML made for the run
 
     deps = {source.import_path for source in step.config.cache_policy.source_dependencies}
-    for helper in (fp.render, fmt.tokenize_example, fp.with_system, fp.use_chat_template, fmt.format_dataset):
+    for helper in (fp.render, fmt.tokenize_example, fp.with_system, fp.prompt_format, fmt.format_dataset):
         assert helper.__module__ in deps, helper
     assert models.load_tokenizer.__module__ in deps
     # evaluate reads the token layout (IGNORE labels) and renders prompts: a change there reruns it too

@@ -120,6 +120,79 @@ def test_sigkilled_training_resumes_from_last_complete_checkpoint(
     assert any(v.abs().max() > 0 for k, v in expected.items() if "lora_B" in k)  # it did train
 
 
+def test_two_identical_trainings_at_once_take_turns_on_the_checkpoint_folder(
+    tmp_path, tiny_model_dir, tiny_splits, trained_adapter
+):
+    """A schedule overlapping a manual run: both train the same data and settings into the same checkpoint folder.
+    The second waits on the folder's lock while the first trains (it writes nothing), the first is killed holding
+    it (the kernel releases a dead process's lock), and the second resumes from the first's checkpoint and ends
+    exactly where an uninterrupted run does."""
+    train, held_out = tiny_splits
+    train.save_to_disk(tmp_path / "train")
+    held_out.save_to_disk(tmp_path / "eval")
+    cfg = TrainConfig(**{**TINY_TRAIN, "save_every": 2}, checkpoint_dir=str(tmp_path / "ckpt"))
+
+    def spec(name: str) -> list[str]:
+        body = {
+            "model_dir": str(tiny_model_dir),
+            "train_dir": str(tmp_path / "train"),
+            "eval_dir": str(tmp_path / "eval"),
+            "train": cfg.model_dump_json(),
+            "lora": LoraSettings(**TINY_LORA).model_dump_json(),
+            "out_dir": str(tmp_path / name / "adapter"),
+            "progress": str(tmp_path / name / "progress.txt"),
+            "hold_marker": str(tmp_path / "hold"),  # shared: only the first run holds at step 5
+            "hold_at": 5,
+        }
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_text(json.dumps(body))
+        return [sys.executable, str(WORKER), str(tmp_path / name / "spec.json")]
+
+    first = subprocess.Popen(spec("first"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        _wait_for("the first run's hold point", (tmp_path / "hold").exists, first)  # holding the lock, at step 5
+        log = tmp_path / "second-stderr.txt"
+        with open(log, "w") as err:
+            second = subprocess.Popen(spec("second"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _wait_for("the second run to find the folder in use", lambda: "is in use" in log.read_text(), second)
+        assert f"pid {first.pid} " in log.read_text()  # it names who holds the folder
+        time.sleep(2)  # the second run stays blocked: no step of its own while the first holds the folder
+        assert not (tmp_path / "second" / "progress.txt").exists() and second.poll() is None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        assert second.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        first.stderr.close()
+    metrics = json.loads((tmp_path / "second" / "adapter" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == cfg.max_steps
+    steps = [int(x) for x in (tmp_path / "second" / "progress.txt").read_text().split()]
+    assert steps == [5, 6, 7, 8]  # only the steps the first run left undone
+    reference, _, _ = trained_adapter
+    resumed = load_file(tmp_path / "second" / "adapter" / "adapter_model.safetensors")
+    expected = load_file(reference.path / "adapter_model.safetensors")
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) <= RESUME_ATOL
+
+
+def test_a_finished_training_rerun_trains_nothing_more(tmp_path, tiny_source, tiny_splits):
+    """The overlapping run that waited until the first one finished: it resumes at the last step and returns the
+    same adapter without another optimizer step."""
+    train, held_out = tiny_splits
+    cfg = TrainConfig(**TINY_TRAIN, checkpoint_dir=str(tmp_path / "ckpt"))
+    runs = [
+        train_adapter(train, held_out, tiny_source, QuantConfig(), LoraSettings(**TINY_LORA), cfg, tmp_path / name)
+        for name in ("a", "b")
+    ]
+    (_, first), (_, second) = runs
+    assert first.resumed_from_step == 0 and second.resumed_from_step == cfg.max_steps == second.steps
+    assert second.loss_curve == []  # no step ran again
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- disk ---------------------------------------------------------------------------------------------------------
 
 

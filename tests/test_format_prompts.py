@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from datasets import Dataset
 
@@ -39,7 +41,7 @@ def test_prompt_tokens_masked_response_and_eos_kept(tok):
     answer = tok.decode(response, skip_special_tokens=True).strip()
     assert answer == row["messages"][-1]["content"]
     # generation sees exactly the tokens training masked
-    prompt = render_prompt(row["messages"][:-1], tok, chat=True)
+    prompt = render_prompt(row["messages"][:-1], tok, "chat")
     assert tok(prompt, add_special_tokens=False)["input_ids"] == row["input_ids"][:n]
 
 
@@ -48,6 +50,45 @@ def test_alpaca_template_for_models_without_chat_template(tok):
     text = tok.decode(train[0]["input_ids"])
     assert counts["template"] == "alpaca" and "### Instruction:" in text and "### Response:" in text
     assert train[0]["labels"][-1] == tok.eos_token_id
+
+
+def test_user_template_renders_trains_and_generates_the_same_prompt(tok):
+    template = "### System: {system}\n### Question: {instruction}\n### Answer: "
+    cfg = PromptConfig(template=template, system_prompt="Be brief.", eval_fraction=0.3)
+    train, _, counts = format_dataset(_rows(10), tok, cfg)
+    row = train[0]
+    n = row["prompt_len"]
+    assert counts["template"] == "custom"
+    prompt = tok.decode(row["input_ids"][:n], skip_special_tokens=True)
+    number = row["messages"][-1]["content"].split()[-1].rstrip(".")
+    assert prompt == f"### System: Be brief.\n### Question: Question {number}?\n### Answer: "
+    assert row["labels"][:n] == [IGNORE] * n and row["labels"][-1] == tok.eos_token_id
+    answer = tok.decode(row["labels"][n:], skip_special_tokens=True).strip()
+    assert answer == row["messages"][-1]["content"]
+    # serving and evaluation render the same prompt text from the context turns
+    assert render_prompt(row["messages"][:-1], tok, template) == prompt
+
+
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("chta", "no {instruction} placeholder"),
+        ("Q: {question}\nA:", "unknown placeholder(s) {question}"),
+        ("{instruction!r} ->", "no conversion or format spec"),
+        ("{instruction} {", "not a valid template string"),
+        ("{} {instruction}", "unknown placeholder(s) {}"),
+    ],
+)
+def test_bad_user_template_is_an_error_at_config_load(tmp_path, template, problem):
+    from core.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "parameters:\n  config:\n    data: {path: x.jsonl}\n    prompt:\n      template: " + json.dumps(template) + "\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "prompt.template" in str(err.value) and problem in str(err.value)
 
 
 def test_split_is_seeded_deterministic_and_prompt_disjoint(tok):
@@ -130,7 +171,7 @@ def test_three_turn_conversation_masks_token_by_token(tok, train_on):
         masked = masked.replace(answer, "", 1)
     assert tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE]) == masked
     # generation's prompt is the same in both modes: everything before the last answer, tokenized in one piece
-    assert ids[:prompt_len] == tok(render_prompt(conversation[:-1], tok, True), add_special_tokens=False)["input_ids"]
+    assert ids[:prompt_len] == tok(render_prompt(conversation[:-1], tok, "chat"), add_special_tokens=False)["input_ids"]
 
 
 def test_all_turns_is_the_default_and_single_turn_rows_do_not_change(tok):

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S_CONFIG = REPO / "configs" / "k8s_gpu.yaml"
 SCHEDULE_CONFIG = REPO / "configs" / "schedule_weekly.yaml"
 IMAGE = "registry.example.com/ml/zenml-qlora@sha256:" + "ab" * 32
-STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
+STEPS = ["ingest", "validate", "format_prompts", "load_probe", "train", "evaluate", "merge", "push", "promote"]
 GPU_STEPS = {"train", "evaluate", "merge"}
 # Stand-ins for the real credentials; none may appear anywhere in a manifest.
 ZENML_API_TOKEN = "zenml-api-token-DO-NOT-LEAK"

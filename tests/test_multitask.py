@@ -64,6 +64,7 @@ def setup(zenml_home, tmp_path_factory, tiny_model_dir):
         # no intermediate checkpoints: saving them costs more than these few tiny steps
         "train": {**TINY_TRAIN, "save_every": 100, "checkpoint_dir": str(root / "ckpt")},
         "evaluate": {
+            "general": None,  # the probe: tests/test_pipeline.py
             "num_generate": 3,
             "max_new_tokens": MAX_NEW,
             "gate": {"on_fail": "warn", "compare_with_stage": None, "min_eval_rows": 1},

@@ -11,7 +11,7 @@ from zenml.enums import ExecutionStatus, ModelStages
 
 from core.config import validate_config
 
-STEPS = ["ingest", "validate", "format_prompts", "train", "evaluate", "merge", "push", "promote"]
+STEPS = ["ingest", "validate", "format_prompts", "load_probe", "train", "evaluate", "merge", "push", "promote"]
 pytestmark = pytest.mark.slow
 
 
@@ -29,7 +29,8 @@ def setup(zenml_home, tmp_path_factory, tiny_model_dir):
         "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
         "lora": TINY_LORA,
         "train": {**TINY_TRAIN, "checkpoint_dir": str(root / "ckpt")},
-        "evaluate": {"num_generate": 2, "max_new_tokens": 8},
+        # the bundled general-ability probe stays on (100 rows), with short answers: the tiny model's are noise
+        "evaluate": {"num_generate": 2, "max_new_tokens": 8, "general_max_new_tokens": 4},
         # warn-only here: on this toy task a retrained candidate may tie with staging. The gate's
         # verdict is tested in test_quality_gate_stops_before_merge_and_push.
         "gate_warn": {"compare_with_stage": "staging", "on_fail": "warn", "min_eval_rows": 1},
@@ -86,6 +87,12 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
     report = run.steps["evaluate"].outputs["eval_report"][0].load()
     assert report.tuned.loss < report.base.loss
     assert "evaluation" in mv.run_metadata and "training" in mv.run_metadata
+    # the forgetting check: the probe set is an artifact of its own, scored for both models, on the model version
+    probe = run.steps["load_probe"].outputs["general_dataset"][0]
+    assert len(probe.load()) == report.general_rows == 100 and len(report.general_samples) == 100
+    general = mv.run_metadata["evaluation"]["general"]
+    assert general["rows"] == 100 and general["base"]["loss"] == pytest.approx(report.general_base.loss)
+    assert any(m.startswith("general-ability loss") for m in report.gate_messages)
     bundle = run.steps["push"].outputs["upload_bundle"][0].load()
     assert "README.md" in bundle.files() and "config.json" in bundle.files()
 
@@ -115,7 +122,8 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
         rows[i]["output"] = f"The code for item {i} is {90 + i}."
     _write(root / "train.jsonl", rows)
     third = _run(raw)
-    assert _statuses(third) == dict.fromkeys(STEPS, ExecutionStatus.COMPLETED)
+    # every step that reads the data reruns; the probe set does not depend on it and stays cached
+    assert _statuses(third) == dict.fromkeys(STEPS, ExecutionStatus.COMPLETED) | {"load_probe": ExecutionStatus.CACHED}
     # the new candidate was gated against the staging version too, on the same eval data
     third_report = Client().get_pipeline_run(third.id).steps["evaluate"].outputs["eval_report"][0].load()
     assert f"staging (version {latest.number})" in third_report.reference_name
@@ -127,8 +135,8 @@ def test_training_setting_change_reruns_only_train_onwards(setup):
     changed = {**raw, "train": {**raw["train"], "learning_rate": 5e-3}}
     run = _run(changed)
     statuses = _statuses(run)
-    assert [statuses[s] for s in STEPS[:3]] == [ExecutionStatus.CACHED] * 3
-    assert [statuses[s] for s in STEPS[3:]] == [ExecutionStatus.COMPLETED] * 5
+    assert [statuses[s] for s in STEPS[:4]] == [ExecutionStatus.CACHED] * 4  # ingest .. load_probe
+    assert [statuses[s] for s in STEPS[4:]] == [ExecutionStatus.COMPLETED] * 5  # train onwards
 
 
 def test_quality_gate_stops_before_merge_and_push(setup):

@@ -59,7 +59,7 @@ def direct_answer(tiny_source, adapter_dir: Path | None, question: str, max_new_
 
     tok = load_tokenizer(tiny_source)
     messages = with_system([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}], SYSTEM)
-    ids, _, prompt_len = tokenize_example(messages, tok, chat=True)
+    ids, _, prompt_len = tokenize_example(messages, tok, "chat")
     ds = Dataset.from_dict({"input_ids": [ids[:prompt_len]], "prompt_len": [prompt_len]})
     if model is None:
         model = PeftModel.from_pretrained(load_base(tiny_source, quant=None), str(adapter_dir)).eval()

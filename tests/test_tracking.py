@@ -48,7 +48,12 @@ def tracked_run(zenml_home, tmp_path_factory, tiny_model_dir):
             "data": {"path": str(root / "train.jsonl"), "eval_path": str(root / "eval.jsonl")},
             "lora": TINY_LORA,
             "train": {**TINY_TRAIN, "checkpoint_dir": str(root / "ckpt"), "logging_steps": 1, "eval_every": 2},
-            "evaluate": {"num_generate": 2, "max_new_tokens": 8, "gate": {"on_fail": "warn", "min_eval_rows": 1}},
+            "evaluate": {
+                "general": None,
+                "num_generate": 2,
+                "max_new_tokens": 8,
+                "gate": {"on_fail": "warn", "min_eval_rows": 1},
+            },
             "push": {"mode": "dry_run", "repo_id": "tests/tiny"},
         }
         run = lora_pipeline.with_options(model=Model(name="tracked-tiny"))(config=validate_config(raw))

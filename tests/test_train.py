@@ -108,7 +108,7 @@ def test_keep_best_ships_the_lowest_eval_loss_checkpoint_and_early_stopping_ends
     train, _ = tiny_splits
     # held-out rows that contradict the training answers: the better the model learns them, the worse these score
     tok = load_tokenizer(tiny_source)
-    rows = [tokenize_example([m[0], {"role": "assistant", "content": "No idea, sorry."}], tok, True)
+    rows = [tokenize_example([m[0], {"role": "assistant", "content": "No idea, sorry."}], tok, "chat")
             for m in qa_rows(8)["messages"]]  # fmt: skip
     contradicting = Dataset.from_dict({"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]})
     cfg = TrainConfig(**{**TINY_TRAIN, "learning_rate": 0.05, "max_steps": 12, "save_every": 1, "save_total_limit": 20},

@@ -22,7 +22,7 @@ from typing import Any
 from datasets import Dataset, DatasetInfo, Features, List, Value
 
 from core.config import PromptConfig
-from core.prompts import IGNORE, render, use_chat_template, with_system
+from core.prompts import IGNORE, prompt_format, render, with_system
 
 FEATURES = Features(
     {
@@ -40,7 +40,7 @@ class OverlongError(ValueError):
 
 
 def tokenize_example(
-    messages: list[dict], tokenizer, chat: bool, all_turns: bool = False
+    messages: list[dict], tokenizer, fmt: str, all_turns: bool = False
 ) -> tuple[list[int], list[int], int]:
     """input_ids, labels (-100 where nothing is learned), prompt length; EOS ends the labels.
 
@@ -49,8 +49,9 @@ def tokenize_example(
     "<|im_start|>assistant" headers, stay -100. The prompt (everything before the last answer) is tokenized in
     one piece either way, exactly as generation tokenizes it (core.serving, core.evaluation).
     """
-    prompt, response = render(messages, tokenizer, chat)
-    # The chat template carries its own special tokens; Alpaca adds BOS if the tokenizer uses one.
+    prompt, response = render(messages, tokenizer, fmt)
+    chat = fmt == "chat"
+    # The chat template carries its own special tokens; Alpaca and user templates add BOS if the tokenizer uses one.
     spans = earlier_answer_spans(messages, tokenizer, prompt) if chat and all_turns else []
     if spans:
         enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
@@ -109,14 +110,14 @@ def token_stats(ds: Dataset) -> dict[str, Any]:
 
 def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Tokenize, apply the overlong policy and split; returns (train, eval, counts)."""
-    chat = use_chat_template(tokenizer, cfg.template)
+    fmt = prompt_format(tokenizer, cfg.template)
     out = {"train": {k: [] for k in FEATURES}, "eval": {k: [] for k in FEATURES}}
     counts = {"truncated": 0, "dropped_overlong": 0}
     overlong: list[str] = []
     has_eval_rows = "eval" in set(clean["split"])
     for row in clean:
         messages = with_system(row["messages"], cfg.system_prompt)
-        ids, labels, prompt_len = tokenize_example(messages, tokenizer, chat, cfg.train_on == "all_turns")
+        ids, labels, prompt_len = tokenize_example(messages, tokenizer, fmt, cfg.train_on == "all_turns")
         if len(ids) > cfg.max_seq_len:
             overlong.append(f"{row['id']} ({len(ids)} tokens)")
             if cfg.overlong == "fail":
@@ -131,7 +132,7 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
         elif has_eval_rows:  # explicit held-out data exists: everything else trains
             split = "train"
         else:
-            split = "eval" if is_eval(render(messages, tokenizer, chat)[0], cfg.seed, cfg.eval_fraction) else "train"
+            split = "eval" if is_eval(render(messages, tokenizer, fmt)[0], cfg.seed, cfg.eval_fraction) else "train"
         for key, value in (
             ("id", row["id"]),
             ("messages", messages),
@@ -157,5 +158,37 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
             f"after formatting: {len(train)} train and {len(held_out)} eval rows; both splits need rows "
             f"(check prompt.eval_fraction={cfg.eval_fraction} and prompt.max_seq_len={cfg.max_seq_len})"
         )
-    counts["template"] = "chat" if chat else "alpaca"
+    counts["template"] = fmt if fmt in ("chat", "alpaca") else "custom"
     return train, held_out, counts
+
+
+def format_probe(rows: Dataset, tokenizer, cfg: PromptConfig) -> Dataset:
+    """Every row of a probe set (evaluate.general: general-ability questions), rendered and tokenized exactly like
+    the run's own rows (template, system prompt), none split off and none trained on. Rows longer than
+    prompt.max_seq_len are an error naming them: a probe is short questions, and a silently shorter probe would
+    change what the gate measures."""
+    fmt = prompt_format(tokenizer, cfg.template)
+    out = {k: [] for k in FEATURES}
+    overlong = []
+    for row in rows:
+        messages = with_system(row["messages"], cfg.system_prompt)
+        ids, labels, prompt_len = tokenize_example(messages, tokenizer, fmt, cfg.train_on == "all_turns")
+        if len(ids) > cfg.max_seq_len:
+            overlong.append(f"{row['id']} ({len(ids)} tokens)")
+        for key, value in (
+            ("id", row["id"]),
+            ("messages", messages),
+            ("input_ids", ids),
+            ("labels", labels),
+            ("prompt_len", prompt_len),
+        ):
+            out[key].append(value)
+    if overlong:
+        raise OverlongError(
+            f"evaluate.general: {len(overlong)} probe row(s) longer than prompt.max_seq_len={cfg.max_seq_len} "
+            f"tokens: {', '.join(overlong[:5])}"
+        )
+    if not out["id"]:
+        raise ValueError("evaluate.general: the probe set has no rows")
+    description = json.dumps({"tokenizer": tokenizer.name_or_path})
+    return Dataset.from_dict(out, features=FEATURES, info=DatasetInfo(description=description, features=FEATURES))

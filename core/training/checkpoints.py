@@ -3,12 +3,22 @@
 Checkpoints go to `train.checkpoint_dir/<key>`, where the key hashes the data, base model and every
 training setting. Re-running the same training resumes from the newest *complete* checkpoint (adapter,
 optimizer state and trainer_state.json all present); an incomplete one is skipped.
+
+Two identical trainings started together (a schedule overlapping a manual run, two pods on one volume) share
+that folder: `checkpoint_lock` lets one train at a time; the other waits, then resumes from what the first
+left, so it trains only the steps still missing (none, when the first finished).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset
@@ -30,6 +40,11 @@ def checkpoint_key(train_ds: Dataset, eval_ds: Dataset, base_identity: str, *set
     return h.hexdigest()[:16]
 
 
+def checkpoint_folder(train_ds: Dataset, eval_ds: Dataset, base, quant, lora, cfg) -> Path:
+    """train.checkpoint_dir/<checkpoint_key>: where this training's checkpoints go (base: a BaseModelRef)."""
+    return Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg)
+
+
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """Newest checkpoint-N with adapter, optimizer state and trainer state; incomplete ones are skipped."""
     found = []
@@ -44,3 +59,41 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
             continue
         found.append((step_no, ckpt))
     return max(found)[1] if found else None
+
+
+LOCK_FILE = ".lock"
+
+
+def in_process_group() -> bool:
+    """True inside one rank of a multi-process training (accelerate sets WORLD_SIZE): the launching process holds
+    the folder's lock for every rank, which must not take it again (they would wait on each other forever)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def checkpoint_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the checkpoint folder for one training: an exclusive flock on run_dir/.lock, released when the block
+    ends or the process dies (the kernel drops it: a killed container never leaves a stale lock). Works across
+    processes and containers on one host, and on shared volumes whose filesystem supports flock (local disks,
+    NFSv4); the holder's pid, host and start time are written into the file for whoever waits."""
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another run"
+            logger.warning(
+                "checkpoint folder %s is in use (%s): waiting for that training to end, then resuming from its "
+                "checkpoints",
+                run_dir,
+                holder,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

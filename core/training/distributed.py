@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_from_disk
 
+from core import models
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, QuantConfig, TrainConfig
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
+from core.training.checkpoints import checkpoint_folder, checkpoint_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # on each process's PYTHONPATH, for `-m core.training.distributed`
 _SETTINGS = {"base": BaseModelRef, "quant": QuantConfig, "lora": LoraSettings, "train": TrainConfig}
@@ -106,7 +108,10 @@ def train_distributed(
     """core.training.train_adapter across `cfg.num_processes` processes; the adapter lands in job_dir/adapter."""
     job_dir = Path(job_dir)
     write_job(job_dir, train_ds, eval_ds, base=base, quant=quant, lora=lora, train=cfg)
-    launch(job_dir, cfg.num_processes)
+    run_dir = checkpoint_folder(train_ds, eval_ds, models.resolve_base(base), quant, lora, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with checkpoint_lock(run_dir):  # for every rank: an identical run waits, then resumes from these checkpoints
+        launch(job_dir, cfg.num_processes)
     ranks = [json.loads(f.read_text()) for f in sorted(job_dir.glob("rank-*.json"))]
     if len(ranks) != cfg.num_processes or any(r["world_size"] != cfg.num_processes for r in ranks):
         raise RuntimeError(f"expected {cfg.num_processes} training processes in one process group, got {ranks}")

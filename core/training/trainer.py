@@ -35,10 +35,11 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from core import models
@@ -46,7 +47,12 @@ from core.artifacts import ModelFolder
 from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
-from core.training.checkpoints import checkpoint_key, latest_complete_checkpoint
+from core.training.checkpoints import (
+    checkpoint_folder,
+    checkpoint_lock,
+    in_process_group,
+    latest_complete_checkpoint,
+)
 from core.training.loss import labels_only_trainer_class
 from core.training.resources import (
     CpuShare,
@@ -268,6 +274,30 @@ class ProgressLog(TrainerCallback):
             logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
 
 
+def finished_checkpoint(checkpoint: Path) -> bool:
+    """Whether the checkpoint is the last step of its training (its trainer state: global_step >= max_steps)."""
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return state.max_steps > 0 and state.global_step >= state.max_steps
+
+
+def restore_finished(trainer, peft_model, checkpoint: Path, keep_best: bool) -> tuple[Any, float]:
+    """The trainer and adapter as a finished training left them, without another step: the trainer state from
+    `checkpoint`, the adapter weights from it (or from the best checkpoint, with keep_best). Returns (trainer,
+    last logged train loss)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint if keep_best else None
+    source = Path(best) if best and Path(best).exists() else checkpoint
+    set_peft_model_state_dict(peft_model, load_file(source / "adapter_model.safetensors"))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logger.info(
+        "the training in %s had finished (step %d): nothing left to train", checkpoint, trainer.state.global_step
+    )
+    return trainer, float(losses[-1]) if losses else float("nan")
+
+
 def train_adapter(
     train_ds: Dataset,
     eval_ds: Dataset,
@@ -284,9 +314,28 @@ def train_adapter(
     Its identity keys the checkpoint folder, so a changed base never resumes another base's checkpoints.
     """
     base = models.resolve_base(base)
-    model = base.source
-    run_dir = Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg)
+    run_dir = checkpoint_folder(train_ds, eval_ds, base, quant, lora, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # One training per checkpoint folder at a time (core/training/checkpoints.py); the ranks of a multi-process
+    # training run under the lock their launcher holds (core/training/distributed.py).
+    lock = contextlib.nullcontext() if in_process_group() else checkpoint_lock(run_dir)
+    with lock:
+        return _train_in(run_dir, train_ds, eval_ds, base, quant, lora, cfg, out_dir, callbacks)
+
+
+def _train_in(
+    run_dir: Path,
+    train_ds: Dataset,
+    eval_ds: Dataset,
+    base: BaseModelRef,
+    quant: QuantConfig,
+    lora: LoraSettings,
+    cfg: TrainConfig,
+    out_dir: Path,
+    callbacks: list | None,
+) -> tuple[ModelFolder, TrainMetrics]:
+    """train_adapter's work, with the checkpoint folder held."""
+    model = base.source
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
     check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
@@ -342,15 +391,21 @@ def train_adapter(
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with local_base_name(peft_model, model):
-        trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
+        if resume is not None and finished_checkpoint(resume):
+            # The training already ran to its end (an identical run finished first, or a crash came after the last
+            # step): take its result. trainer.train() resumed at max_steps would still run one more step
+            # (transformers checks the limit only after a step), and the same run would ship another adapter.
+            trainer, last_loss = restore_finished(make_trainer(args), peft_model, resume, args.load_best_model_at_end)
+        else:
+            trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
+            last_loss = result.training_loss
     seconds = time.perf_counter() - started
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     best_step = int(Path(best).name.split("-")[-1]) if best else None
     last_eval_step = progress.eval_curve[-1][0] if progress.eval_curve else None
     evals = len(progress.eval_curve)
     final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None  # of the shipped (best) weights
-    if best_step is not None:
-        del progress.eval_curve[evals:]  # the best step's loss again, not a new point at the last step
+    del progress.eval_curve[evals:]  # what evaluate() just logged: added below only when it is a new point
     if final_eval is not None and best_step is None and last_eval_step != trainer.state.global_step:
         progress.eval_curve.append((trainer.state.global_step, float(final_eval)))
     if best_step is not None:
@@ -366,7 +421,7 @@ def train_adapter(
     metrics = TrainMetrics(
         steps=trainer.state.global_step,
         resumed_from_step=int(resume.name.split("-")[-1]) if resume else 0,
-        final_train_loss=float(progress.loss_curve[-1][1] if progress.loss_curve else result.training_loss),
+        final_train_loss=float(progress.loss_curve[-1][1] if progress.loss_curve else last_loss),
         final_eval_loss=final_eval,
         train_tokens=int(tokens),
         tokens_per_s=round(tokens / max(seconds, 1e-9), 2),
