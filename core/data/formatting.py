@@ -108,6 +108,12 @@ def token_stats(ds: Dataset) -> dict[str, Any]:
     }
 
 
+def append_row(columns: dict[str, list], row_id: str, messages: list[dict], ids, labels, prompt_len: int) -> None:
+    """One tokenized row onto FEATURES' column lists."""
+    for key, value in zip(FEATURES, (row_id, messages, ids, labels, prompt_len)):
+        columns[key].append(value)
+
+
 def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Tokenize, apply the overlong policy and split; returns (train, eval, counts)."""
     fmt = prompt_format(tokenizer, cfg.template)
@@ -133,14 +139,7 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
             split = "train"
         else:
             split = "eval" if is_eval(render(messages, tokenizer, fmt)[0], cfg.seed, cfg.eval_fraction) else "train"
-        for key, value in (
-            ("id", row["id"]),
-            ("messages", messages),
-            ("input_ids", ids),
-            ("labels", labels),
-            ("prompt_len", prompt_len),
-        ):
-            out[split][key].append(value)
+        append_row(out[split], row["id"], messages, ids, labels, prompt_len)
     if overlong and cfg.overlong == "fail":
         raise OverlongError(
             f"{len(overlong)} row(s) longer than prompt.max_seq_len={cfg.max_seq_len} tokens "
@@ -175,14 +174,7 @@ def format_probe(rows: Dataset, tokenizer, cfg: PromptConfig) -> Dataset:
         ids, labels, prompt_len = tokenize_example(messages, tokenizer, fmt, cfg.train_on == "all_turns")
         if len(ids) > cfg.max_seq_len:
             overlong.append(f"{row['id']} ({len(ids)} tokens)")
-        for key, value in (
-            ("id", row["id"]),
-            ("messages", messages),
-            ("input_ids", ids),
-            ("labels", labels),
-            ("prompt_len", prompt_len),
-        ):
-            out[key].append(value)
+        append_row(out, row["id"], messages, ids, labels, prompt_len)
     if overlong:
         raise OverlongError(
             f"evaluate.general: {len(overlong)} probe row(s) longer than prompt.max_seq_len={cfg.max_seq_len} "
