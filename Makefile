@@ -10,6 +10,13 @@
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
 # make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
 #                  on 127.0.0.1; make unserve stops it (see README "Serving")
+# make stack-up    the local-container stack (infra/stacks/container.sh; root, Debian): dockerd, moto S3 with IAM
+#                  auth, a local ZenML server on 127.0.0.1:8237, the step image (~3 min once), the stack registered
+# make stack-run   stack-up, then configs/container.yaml with every step in its own container (artifacts in S3, the
+#                  run on the server: its dashboard), the summary, and a second run that is fully cached
+# make stack-down  stops what stack-up started (nothing else); the S3 bucket's contents go with moto
+# make test-stack  the stack's own suite (pytest -m container, tests/test_container_stack.py): end to end, S3 outage,
+#                  killed train container, wrong S3 secret, two identical runs at once, the dashboard; own stack
 #
 # ZenML's global config, SQLite store and local artifact store live in
 # .zenml-home/ (git-ignored) unless you point ZENML_CONFIG_PATH elsewhere.
@@ -23,6 +30,7 @@ STACK ?=
 SCHEDULE ?= configs/schedule_weekly.yaml
 SERVE_CONFIG ?= configs/serve.yaml
 SERVE_NAME ?= lora-chat
+STACK_CONFIG ?= configs/container.yaml
 # Leave empty to use pip's configured index. A CPU-only machine elsewhere can
 # avoid the multi-GB CUDA build with TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -31,7 +39,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui
+.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui stack-up stack-run stack-down test-stack
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,13 +66,29 @@ browser:
 	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ; } || \
 	echo "chromium not installed: tests/test_dashboard.py will skip (apt-get install chromium)"
 
-# make test: everything but the integration suites (servers, a browser), which make test-integration runs;
-# CI (.ci/run) runs both
+# make test: everything but the integration suites (servers, a browser; the benchmark scripts' smoke presets),
+# which make test-integration runs, and the container stack's suite (make test-stack); CI (.ci/run) runs all three
 test: setup browser
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not bench and not container"
 
 test-integration: setup browser
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q -m "integration or bench"
+
+stack-up: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/container.sh up
+
+stack-run: stack-up
+	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(STACK_CONFIG) --stack local-container
+	$(BIN)/python -m cli.summary
+	@echo "make stack-run: the same run again: every step cached, no container started"
+	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(STACK_CONFIG) --stack local-container
+
+stack-down:
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/container.sh down
+
+# its own stack (ports, ZenML home, S3 state) next to any running one; skips where Docker cannot be started
+test-stack: setup browser
+	$(BIN)/python -m pytest -q -m container
 
 $(BIN)/.gguf: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[dev,gguf]"

@@ -29,6 +29,11 @@ def pytest_configure(config):
         "markers",
         "container: the local-container stack for real (Docker, moto S3, a ZenML server): make test-stack, not make test",
     )
+    config.addinivalue_line(
+        "markers",
+        "bench: a benchmark script end to end on its smoke preset (fresh processes, minutes of CPU): make "
+        "test-integration, not make test",
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):

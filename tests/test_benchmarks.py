@@ -28,6 +28,7 @@ TRAIN_FIELDS = {
 }
 
 
+@pytest.mark.bench
 def test_train_throughput_smoke_rows(tmp_path):
     out = tmp_path / "train.json"
     rows_wanted = "tutorial,ours,ref-dequantized"

@@ -51,3 +51,27 @@ def test_imports_inside_functions_count_too():
     # core.serving imports `materializers` only inside a function; the package's __init__ pulls in its modules
     deps = set(project_dependencies("core.serving"))
     assert {"materializers", "materializers.folder_materializer", "core.prompts"} <= deps
+
+
+def test_every_cache_dependency_loads_in_a_fresh_step_process():
+    """A step container or pod computes the step's cache key before anything has imported the modules of its cache
+    policy, and ZenML loads "core.models" as getattr(core, "models"): each project package's __getattr__ must import
+    the submodule (core/__init__.py), or every step fails there on a remote orchestrator (it did on the
+    local-container stack: `AttributeError: module 'core' has no attribute 'artifacts'`)."""
+    import os
+    import subprocess
+    import sys
+
+    deps = sorted(
+        {
+            dep
+            for p in (REPO / "steps").glob("*.py")
+            if p.stem != "__init__"
+            for dep in project_dependencies(f"steps.{p.stem}")
+        }
+    )
+    assert {"core.artifacts", "core.training.distributed", "steps.train"} <= set(deps)
+    code = "import sys\nfrom zenml.utils import source_utils\nfor dep in sys.argv[1:]:\n    source_utils.load(dep)\n"
+    env = {**os.environ, "ZENML_CUSTOM_SOURCE_ROOT": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code, *deps], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

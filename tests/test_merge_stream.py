@@ -251,6 +251,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, tiny_model_dir, tiny_split
     assert list(parent.iterdir()) == []
 
 
+@pytest.mark.bench
 def test_benchmark_smoke_preset(tmp_path):
     out = tmp_path / "merge.json"
     proc = subprocess.run(

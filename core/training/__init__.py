@@ -1,5 +1,10 @@
 """Training: QLoRA with bitsandbytes, peft and trl (trainer), its loss, checkpoints, resources and multi-GPU launch."""
 
+from core import lazy_submodule
 from core.training.trainer import train_adapter
 
 __all__ = ["train_adapter"]
+
+
+def __getattr__(name: str):  # `core.training.<submodule>` imports it (ZenML cache policies; core/__init__.py)
+    return lazy_submodule(__name__, name)
