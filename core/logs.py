@@ -24,16 +24,19 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
 
 
-def project_error(exc: BaseException | None) -> BaseException | None:
-    """The first error raised by this project's own code (an exception class defined under core/) in the chain
-    of `exc` (itself, then its __cause__ / __context__), or None."""
+def exception_chain(exc: BaseException | None):
+    """`exc`, then its __cause__ (else __context__), and so on; each exception once (a chain can loop)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if type(exc).__module__.split(".")[0] == "core":
-            return exc
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
+
+
+def project_error(exc: BaseException | None) -> BaseException | None:
+    """The first error raised by this project's own code (an exception class defined under core/) in the chain
+    of `exc` (itself, then its __cause__ / __context__), or None."""
+    return next((e for e in exception_chain(exc) if type(e).__module__.split(".")[0] == "core"), None)
 
 
 FAILED_RUN = re.compile(r"Pipeline run has failed due to failure in step\(s\): (.+)$")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlparse
 
+from core.logs import exception_chain
+
 # S3 error codes that mean "these credentials are not accepted" (wrong key id, wrong secret, no permission).
 AUTH_CODES = {
     "SignatureDoesNotMatch",
@@ -33,17 +35,9 @@ class ArtifactStoreError(RuntimeError):
     before_run = True  # core/logs.py's error hook: raised on the client while the run compiles, no step ran
 
 
-def _chain(exc: BaseException | None):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _error_code(exc: BaseException) -> str | None:
     """The S3 error code of the first botocore ClientError in the chain (s3fs wraps it in PermissionError/OSError)."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict) and "Error" in response:
             return str(response["Error"].get("Code") or "")
@@ -52,7 +46,7 @@ def _error_code(exc: BaseException) -> str | None:
 
 def _describe(exc: BaseException) -> str:
     """The most telling message of the chain: botocore's (it carries the error code), else the outermost."""
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if getattr(e, "response", None) is not None:
             return f"{type(e).__name__}: {e}"
     return f"{type(exc).__name__}: {exc}"
@@ -120,14 +114,14 @@ def check_artifact_store(store=None, timeout: float = 5.0) -> None:
     except Exception as e:
         code = _error_code(e)
         text = _redact(_describe(e), _credentials(store))
-        if code in AUTH_CODES or (code is None and any(isinstance(x, PermissionError) for x in _chain(e))):
+        if code in AUTH_CODES or (code is None and any(isinstance(x, PermissionError) for x in exception_chain(e))):
             raise ArtifactStoreError(f"{where} refused {credentials}: {text}; {fix_secret}") from None
         if code in MISSING_BUCKET_CODES or (code is None and isinstance(e, FileNotFoundError)):
             raise ArtifactStoreError(
                 f"{where}: the bucket does not exist ({text}); create it or fix the store's path "
                 f"(zenml artifact-store update {store.name} --path=...)"
             ) from None
-        unreachable = any(isinstance(x, (ConnectionError, TimeoutError)) for x in _chain(e))
+        unreachable = any(isinstance(x, (ConnectionError, TimeoutError)) for x in exception_chain(e))
         if (code is None and unreachable) or "Could not connect" in text:
             raise ArtifactStoreError(f"{where} is unreachable: {text}; check its endpoint and network") from None
         raise ArtifactStoreError(f"{where} failed to list its root path: {text}; {fix_secret}") from None
