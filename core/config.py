@@ -222,7 +222,10 @@ BUNDLED_PROBE = "data/general_probe/probe.jsonl"  # 100 everyday tasks, one righ
 class EvalConfig(_Strict):
     num_generate: int = Field(16, ge=0)  # eval rows answered by greedy generation
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # rows per forward pass for the loss
+    # rows per generate call. On CPU a call's time is mostly per-token overhead, so bigger is faster (measured on the
+    # 100-row probe, docs/performance.md); on a GPU, memory for the KV cache grows with it.
+    generate_batch_size: int = Field(32, ge=1)
     # paired bootstrap resamples for the 95% intervals of fine-tuned - base (loss, ROUGE-L, exact match) in the
     # eval report; seeded, so a rerun gives the same intervals. 0: no intervals. 1000 take well under a second.
     bootstrap_resamples: int = Field(1000, ge=0)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from datasets import Dataset
@@ -31,6 +33,8 @@ from core.gate import apply_gate
 from core.models import BaseModelRef
 from core.prompts import IGNORE
 from core.reports import Difference, EvalReport, ModelScores, Sample
+
+T = TypeVar("T")
 
 
 def pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
@@ -59,26 +63,46 @@ def max_relative_diff(actual: list[torch.Tensor], expected: list[torch.Tensor]) 
     return max(float((a - e).abs().max() / e.abs().max().clamp_min(1e-6)) for a, e in zip(actual, expected))
 
 
+def by_length(lengths: list[int], batch_size: int, run: Callable[[list[int]], list[T]]) -> list[T]:
+    """`run(rows)` on batches of up to `batch_size` row indices, longest rows first, its results put back in row
+    order: rows of like length share a batch, so little of each forward pass is padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list = [None] * len(lengths)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for i, result in zip(rows, run(rows), strict=True):
+            out[i] = result
+    return out
+
+
 @torch.no_grad()
 def row_losses(model, ds: Dataset, batch_size: int, pad_id: int) -> list[tuple[float, int]]:
-    """(summed cross-entropy in nats, response tokens) of each row: response tokens only (labels != -100)."""
+    """(summed cross-entropy in nats, response tokens) of each row: response tokens only (labels != -100).
+
+    Only the positions that predict a response token go through the LM head (transformers' `logits_to_keep`
+    mask): for SmolLM2 the head is a fifth of the matmuls and its fp32 logits the largest tensor of the pass,
+    and most positions are prompt. A model without that mask gets every position's logits, the same losses.
+    """
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(ds), batch_size):
-        batch = ds[i : i + batch_size]
+
+    def losses(rows: list[int]) -> list[tuple[float, int]]:
+        batch = ds.select(rows)
         ids = pad(batch["input_ids"], pad_id, left=False).to(device)
         labels = pad(batch["labels"], IGNORE, left=False).to(device)
         mask = pad([[1] * len(x) for x in batch["input_ids"]], 0, left=False).to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="none",
-        ).view(shift_labels.shape)
-        out += list(zip(loss.sum(dim=1).tolist(), (shift_labels != IGNORE).sum(dim=1).tolist()))
-    return out
+        # position t predicts token t + 1: keep t where that token is a response token
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE
+        targets = labels[:, 1:][keep[:, :-1]]
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        if logits.shape[:-1] != targets.shape:  # no mask support: every position came back
+            logits = logits[keep]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        sums.index_add_(0, keep.nonzero()[:, 0], loss.double())
+        return list(zip(sums.tolist(), keep.sum(dim=1).tolist()))
+
+    return by_length([len(x) for x in ds["input_ids"]], batch_size, losses)
 
 
 def mean_loss(rows: list[tuple[float, int]]) -> float:
@@ -93,12 +117,15 @@ def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to each row's prompt (the tokens before its response)."""
+    """Greedy answers to each row's prompt (the tokens before its response), in row order.
+
+    Prompts of like length are batched together (less left padding). On CPU a generate call's time is mostly
+    per-token overhead, so larger batches are faster: measured in docs/performance.md."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    answers = []
-    for i in range(0, len(ds), batch_size):
-        batch = ds[i : i + batch_size]
+
+    def answer(rows: list[int]) -> list[str]:
+        batch = ds.select(rows)
         prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
         ids = pad(prompts, pad_id, left=True).to(device)  # left padding: every row continues at the end
         mask = pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
@@ -110,8 +137,9 @@ def generate_answers(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_s
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answers += [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
-    return answers
+        return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
+
+    return by_length(list(ds["prompt_len"]), batch_size, answer)
 
 
 def normalize(text: str) -> str:
@@ -150,7 +178,7 @@ def score_model(model, tokenizer, ds: Dataset, cfg: EvalConfig) -> tuple[ModelSc
     losses = row_losses(model, ds, cfg.batch_size, tokenizer.pad_token_id)
     loss = mean_loss(losses)
     sample = ds.select(range(min(cfg.num_generate, len(ds))))
-    answers = generate_answers(model, tokenizer, sample, cfg.max_new_tokens, cfg.batch_size)
+    answers = generate_answers(model, tokenizer, sample, cfg.max_new_tokens, cfg.generate_batch_size)
     references = [m[-1]["content"] for m in sample["messages"]]
     rouge, exact = text_scores(answers, references)
     scores = ModelScores(

@@ -169,3 +169,49 @@ def test_bleu_is_sacrebleu_corpus_bleu():
     assert bleu(["Returns within 45 days of purchase."], ["Returns within 45 days of purchase."]) == pytest.approx(100)
     assert bleu(["no idea at all"], ["Returns within 45 days of purchase."]) == 0
     assert bleu([], []) == 0
+
+
+@pytest.fixture(scope="module")
+def probe_rows(tiny_source):
+    """12 bundled probe rows on the tiny tokenizer: prompts and answers of many lengths."""
+    from core.config import PromptConfig
+    from core.data.formatting import format_probe
+    from core.data.ingest import load_rows
+    from core.models import load_tokenizer
+
+    return format_probe(load_rows(EvalConfig().general).select(range(12)), load_tokenizer(tiny_source), PromptConfig())
+
+
+def test_row_losses_batched_by_length_with_response_logits_only_match_one_row_at_a_time(tiny_source, probe_rows):
+    """row_losses sorts rows into batches and runs the LM head on response positions only: each row's summed loss
+    and token count must still be what the plain full-logits pass over that row alone gives, in row order."""
+    from core.evaluation import row_losses
+
+    model = load_base(tiny_source, quant=None).eval()
+    assert len(set(len(x) for x in probe_rows["input_ids"])) > 3  # lengths differ: the batches are reordered
+    expected = []
+    with torch.no_grad():
+        for ids, labels in zip(probe_rows["input_ids"], probe_rows["labels"]):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            expected.append((float(loss), int((target != -100).sum())))
+    for batch_size in (1, 5, 12):
+        got = row_losses(model, probe_rows, batch_size, pad_id=0)
+        assert [n for _, n in got] == [n for _, n in expected]
+        assert [x for x, _ in got] == pytest.approx([x for x, _ in expected], rel=1e-4)
+
+
+def test_batches_by_length_run_longest_first_and_return_in_row_order():
+    from core.evaluation import by_length
+
+    lengths, seen = [3, 9, 1, 9, 5, 7, 2], []
+
+    def run(rows):
+        seen.append(rows)
+        return [f"row {i}: {lengths[i]}" for i in rows]
+
+    assert by_length(lengths, 3, run) == [f"row {i}: {n}" for i, n in enumerate(lengths)]
+    assert [[lengths[i] for i in rows] for rows in seen] == [[9, 9, 7], [5, 3, 2], [1]]
+    with pytest.raises(ValueError):  # a batch that answers for fewer rows than it was given is an error
+        by_length(lengths, 3, lambda rows: rows[:-1])
