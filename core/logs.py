@@ -24,6 +24,18 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
 
 
+MASK = "***"
+
+
+def mask_secrets(text: str, *secrets: str | None) -> str:
+    """`text` with every occurrence of each secret replaced by ***. Values under 4 characters are left alone:
+    masking every "a" or "1" in a message would hide what it says and still leak a secret that short."""
+    for value in secrets:
+        if value and len(value) >= 4:
+            text = text.replace(value, MASK)
+    return text
+
+
 def exception_chain(exc: BaseException | None):
     """`exc`, then its __cause__ (else __context__), and so on; each exception once (a chain can loop)."""
     seen = set()

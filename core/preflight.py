@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlparse
 
-from core.logs import exception_chain
+from core.logs import exception_chain, mask_secrets
 
 # S3 error codes that mean "these credentials are not accepted" (wrong key id, wrong secret, no permission).
 AUTH_CODES = {
@@ -50,13 +50,6 @@ def _describe(exc: BaseException) -> str:
         if getattr(e, "response", None) is not None:
             return f"{type(e).__name__}: {e}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _redact(text: str, secrets: list[str | None]) -> str:
-    for value in secrets:
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
 
 
 def _credentials(store) -> list[str | None]:
@@ -113,7 +106,7 @@ def check_artifact_store(store=None, timeout: float = 5.0) -> None:
         ) from None
     except Exception as e:
         code = _error_code(e)
-        text = _redact(_describe(e), _credentials(store))
+        text = mask_secrets(_describe(e), *_credentials(store))
         if code in AUTH_CODES or (code is None and any(isinstance(x, PermissionError) for x in exception_chain(e))):
             raise ArtifactStoreError(f"{where} refused {credentials}: {text}; {fix_secret}") from None
         if code in MISSING_BUCKET_CODES or (code is None and isinstance(e, FileNotFoundError)):

@@ -64,3 +64,20 @@ def test_missing_block_and_file(tmp_path):
 def test_defaults_fill_in():
     cfg = validate_config({"data": {"path": "d.jsonl"}})
     assert cfg.model.source == "bundled" and cfg.quant.quant_type == "nf4" and cfg.push.mode == "dry_run"
+
+
+# configs/container.yaml is the default run on the container stack (ZenML run configs have no include): its model,
+# data and recipe must stay the default's, or `make stack-run` quietly shows another model than `make run`.
+SAME_AS_DEFAULT = {"container.yaml": ["model", "data", "validation", "prompt", "quant", "lora", "merge", "push"]}
+
+
+@pytest.mark.parametrize("name", sorted(SAME_AS_DEFAULT))
+def test_default_variants_keep_the_default_recipe(name):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+
+    def blocks(path):
+        return yaml.safe_load(path.read_text())["parameters"]["config"]
+
+    default, variant = blocks(configs / "default.yaml"), blocks(configs / name)
+    drifted = [key for key in SAME_AS_DEFAULT[name] if variant.get(key) != default.get(key)]
+    assert not drifted, f"configs/{name} no longer matches configs/default.yaml in: {', '.join(drifted)}"

@@ -113,3 +113,11 @@ def test_orchestrator_role_covers_the_calls_zenml_makes_from_the_orchestrator_po
     needed |= {("", "secrets", "delete")}
     assert needed <= granted, sorted(needed - granted)
     assert not any(r in ("*",) or v == "*" for _, r, v in granted)  # nothing wildcard
+
+
+def test_one_uv_version_for_setup_and_images():
+    """make setup installs uv by pin, the images copy it from UV_IMAGE: one version, or a lock or resolution
+    quirk of one uv shows up on only one of the paths."""
+    dockerfile = re.search(r"^ARG UV_IMAGE=\S+:(\S+)$", (REPO / "infra/Dockerfile").read_text(), re.M)
+    pins = set(re.findall(r"\buv==(\S+)", (REPO / "Makefile").read_text()))
+    assert dockerfile and pins == {dockerfile.group(1)}, (dockerfile and dockerfile.group(1), pins)

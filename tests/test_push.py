@@ -519,3 +519,13 @@ def test_verification_names_missing_changed_and_extra_files(hub, tmp_path, monke
     assert remote_problems(api, "acme/check", "main", local, []) == [
         f"{p}: not in the upload folder" for p in sorted(remote)
     ]
+
+
+def test_secrets_are_masked_in_messages_but_not_every_short_value():
+    from core.logs import mask_secrets
+
+    msg = "403 for key AKIAXYZ123 with secret s3cr3t-value at http://127.0.0.1:1/b"
+    assert mask_secrets(msg, "AKIAXYZ123", "s3cr3t-value", None, "") == (
+        "403 for key *** with secret *** at http://127.0.0.1:1/b"
+    )
+    assert mask_secrets(msg, "1") == msg  # a one-character "secret" would blank every digit and hide nothing

@@ -32,10 +32,10 @@ from huggingface_hub.utils._http import _DEFAULT_RETRY_ON_STATUS_CODES as RETRY_
 from core.artifacts import ModelFolder
 from core.config import PushConfig
 from core.hub.bundle import uploadable
+from core.logs import mask_secrets
 
 logger = logging.getLogger(__name__)
 
-MASK = "***"
 
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file in every repo: not ours to delete or verify
 
@@ -48,11 +48,6 @@ class PushError(RuntimeError):
     def __init__(self, message: str, status_code: int | None = None):
         super().__init__(message)
         self.status_code = status_code
-
-
-def mask_token(text: str, token: str | None) -> str:
-    """`text` with every occurrence of `token` replaced by ***."""
-    return text.replace(token, MASK) if token else text
 
 
 def resolve_token(push: PushConfig) -> str | None:
@@ -91,7 +86,7 @@ def is_transient(err: BaseException) -> bool:
 
 
 def _describe(err: BaseException, token: str | None) -> str:
-    return mask_token(f"{type(err).__name__}: {err}", token)
+    return mask_secrets(f"{type(err).__name__}: {err}", token)
 
 
 def with_retries(what: str, call, push: PushConfig, token: str | None, already_done=None):
@@ -277,7 +272,7 @@ def publish_bundle(
         where = f" while {stage}" if stage else ""
         message = err.args[0] if isinstance(err, PushError) else _describe(err, token)
         raise PushError(
-            f"push to Hub repo '{push.repo_id}' failed{where}: {mask_token(message, token)}; "
+            f"push to Hub repo '{push.repo_id}' failed{where}: {mask_secrets(message, token)}; "
             f"{_main_state(api, repo_id, base, token)}",
             status_code=_status(err),
         ) from None  # from None: the original exception's text may hold the token (e.g. echoed by a proxy)

@@ -4,8 +4,8 @@
 # project's dependencies into /opt/venv inside it (chroot, with this machine's pip configuration,
 # so torch==2.13.0 resolves to the CPU wheel pip finds here and not the multi-GB CUDA build on
 # PyPI), then `docker import` it. Also zenml-qlora-uv:<version>, the uv binary alone (what the Dockerfile's
-# UV_IMAGE, ghcr.io/astral-sh/uv, holds), from the same uv wheel. Prints the base image's name; idempotent: the tag
-# is a hash of pyproject.toml and this script, and an image already present with that tag is reused.
+# UV_IMAGE, ghcr.io/astral-sh/uv, holds), from the same uv wheel, also tagged :latest. Prints the base image's
+# name; idempotent: the tag is a hash of pyproject.toml and this script, and an image already present with that tag is reused.
 #   bash infra/stacks/base_image.sh          # -> zenml-qlora-base:<hash>  (~2.5 min on 2 cores)
 # Needs root, debootstrap and a running Docker daemon. Optional: IMAGE (repository, default
 # zenml-qlora-base), MIRROR (Debian mirror URL; default: the one apt on this machine uses for
@@ -26,6 +26,7 @@ UV_VERSION="$(sed -n 's|^ARG UV_IMAGE=ghcr.io/astral-sh/uv:||p' infra/Dockerfile
 UV_NAME="zenml-qlora-uv:$UV_VERSION"
 
 if docker image inspect "$NAME" >/dev/null 2>&1 && docker image inspect "$UV_NAME" >/dev/null 2>&1; then
+    docker tag "$UV_NAME" zenml-qlora-uv:latest  # what configs/container.yaml's UV_IMAGE names
     echo "$NAME"
     exit 0
 fi
@@ -162,4 +163,5 @@ tar -C "$ROOT" -c . | docker import \
 phase "docker import"
 # uv alone, at / as in astral's image (the Dockerfile copies /uv and /uvx from it)
 tar -C "$ROOT/opt/venv/bin" -c uv uvx | docker import - "$UV_NAME" >/dev/null
+docker tag "$UV_NAME" zenml-qlora-uv:latest
 echo "$NAME"

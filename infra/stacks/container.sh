@@ -258,7 +258,6 @@ up() {
     local image
     image="$(bash infra/stacks/base_image.sh)"
     docker tag "$image" "$BASE_REPO:latest"
-    docker tag "$UV_REPO:$(sed -n 's|^ARG UV_IMAGE=ghcr.io/astral-sh/uv:||p' infra/Dockerfile)" "$UV_REPO:latest"
     step_image
     register
     status
