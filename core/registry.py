@@ -181,15 +181,17 @@ def model_history(model_name: str):
 
     client = Client()
     rows = []
-    for version in depaginate(client.list_model_versions, model_name_or_id=model_name, sort_by="asc:number"):
+    for version in depaginate(client.list_model_versions, model=model_name, sort_by="asc:number"):
         meta = version.run_metadata
         runs = []
-        for run_name, run_id in version.pipeline_run_ids.items():
+        # The run links themselves (ModelVersionResponse.pipeline_run_ids is deprecated in ZenML 0.98 and logs so).
+        for link in depaginate(client.list_model_version_pipeline_run_links, model_version_id=version.id):
+            run = link.pipeline_run
             try:
-                url = dashboard_utils.get_run_url(client.get_pipeline_run(run_id)) or ""
+                url = dashboard_utils.get_run_url(client.get_pipeline_run(run.id)) or ""
             except Exception:  # a deleted run, a store without a dashboard
                 url = ""
-            runs.append((run_name, url))
+            runs.append((run.name, url))
         rows.append(
             VersionRow(
                 number=version.number,
