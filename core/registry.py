@@ -184,12 +184,13 @@ def model_history(model_name: str):
     for version in depaginate(client.list_model_versions, model=model_name, sort_by="asc:number"):
         meta = version.run_metadata
         runs = []
-        # The run links themselves (ModelVersionResponse.pipeline_run_ids is deprecated in ZenML 0.98 and logs so).
+        # The run links themselves (ModelVersionResponse.pipeline_run_ids is deprecated in ZenML 0.98 and logs so);
+        # each carries its run's response, so no second fetch per run.
         for link in depaginate(client.list_model_version_pipeline_run_links, model_version_id=version.id):
             run = link.pipeline_run
             try:
-                url = dashboard_utils.get_run_url(client.get_pipeline_run(run.id)) or ""
-            except Exception:  # a deleted run, a store without a dashboard
+                url = dashboard_utils.get_run_url(run) or ""
+            except Exception:  # a run whose project cannot be read any more, a store without a dashboard
                 url = ""
             runs.append((run.name, url))
         rows.append(

@@ -12,6 +12,7 @@ Without Chromium the browser test skips (with the reason); the lineage test stil
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -294,3 +295,5 @@ def test_every_report_renders_readably_in_a_browser(chromium, run_report):
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = (Path(pages["model_history"][-1])).read_text()
     assert "#1" in history  # the run's own version is listed
+    # and links to the run's page on the server it ran against
+    assert run_report["url"] and f"<a href='{html.escape(run_report['url'])}'>{run_report['run_name']}</a>" in history
