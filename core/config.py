@@ -71,6 +71,15 @@ class DataSource(_Strict):
     turn_keys: dict[Literal["role", "content"], str] = Field(default_factory=dict)
     roles: dict[str, Literal["user", "assistant", "system"]] = Field(default_factory=dict)
 
+    # More training sources mixed into this one (a data mixture, as TRL's dataset_mixture and axolotl's per-dataset
+    # weight): each with its own format, columns and template, and a share of the training rows. The held-out split
+    # comes from this source alone, never from a mixed-in one.
+    mix: list[MixSource] = Field(default_factory=list)
+
+    def without_mix(self) -> DataSource:
+        """This source alone: what ingest reads (a changed share re-runs the mixing, not the task data's chain)."""
+        return self.model_copy(update={"mix": []})
+
     @model_validator(mode="after")
     def _columns_known(self) -> DataSource:
         if self.format == "instruction" and (self.turn_keys or self.roles):
@@ -84,6 +93,35 @@ class DataSource(_Strict):
                 f"columns: {unknown} are not canonical columns for format '{self.format}' (allowed: {sorted(allowed)})"
             )
         return self
+
+
+class MixSource(DataSource):
+    """One more training source mixed with the task data: all its rows train, none are held out."""
+
+    # names its step ids (ingest_mix_<name>, ...) and its rows' ids in the mixed dataset (<name>/<row id>)
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    # its share: `ratio` rows of this source per task training row (0.25 with 336 task rows: 84 rows), or exactly
+    # `rows` rows. Drawn with a seed (train.seed) without repeats while the source has rows enough, then cycling
+    # through it again in a new seeded order.
+    ratio: float | None = Field(None, gt=0)
+    rows: int | None = Field(None, ge=1)
+
+    def as_data_source(self) -> DataSource:
+        """Where its rows come from, as a plain data source (what ingest reads)."""
+        return DataSource.model_validate(self.model_dump(exclude={"name", "ratio", "rows"}))
+
+    @model_validator(mode="after")
+    def _one_share(self) -> MixSource:
+        if (self.ratio is None) == (self.rows is None):
+            raise ValueError(f"mix source {self.name!r}: give exactly one of ratio (rows per task row) or rows")
+        if self.eval_path or self.eval_split:
+            raise ValueError(f"mix source {self.name!r}: a mixed-in source is never held out (no eval_path/eval_split)")
+        if self.mix:
+            raise ValueError(f"mix source {self.name!r}: a mixed-in source cannot have its own mix")
+        return self
+
+
+DataSource.model_rebuild()
 
 
 class ValidationConfig(_Strict):
@@ -127,6 +165,39 @@ class QuantConfig(_Strict):
     double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
     # auto: bf16 on a CUDA GPU that supports it, else fp32 (bf16 on CPU is ~20x slower)
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+BUNDLED_REPLAY = "data/general_replay/train.jsonl"  # ~300 everyday instructions with answers (its README.md)
+
+
+class ReplayConfig(_Strict):
+    """General rows rehearsed while training on the task, so the model keeps what it knew (docs/evaluation.md)."""
+
+    # The general instructions to replay (a data source like `data:`). Default: the bundled general set, written for
+    # this project and disjoint from both probes.
+    data: DataSource = Field(default_factory=lambda: DataSource(path=BUNDLED_REPLAY))
+    # own: self-synthesized rehearsal (Huang et al., ACL 2024): the base model answers the prompts itself, greedy,
+    # with the run's template and system prompt, and trains on its own answers (what a team fine-tuning a Hub
+    # checkpoint can always do: it never has the original data). data: the answers the source carries.
+    answers: Literal["own", "data"] = "own"
+    # replay rows per task training row (0.5 with 336 task rows: 168 rows); drawn with train.seed
+    ratio: float = Field(0.5, gt=0)
+    # own answers: the longest answer in tokens; an answer still unfinished there keeps its whole sentences (none:
+    # dropped). Generation time grows with it (docs/evaluation.md).
+    max_new_tokens: int = Field(32, ge=1)
+    generate_batch_size: int = Field(100, ge=1)  # prompts per generate call for own answers (bigger: faster on CPU)
+    # Weight of a distillation term: on replay rows, KL(base || fine-tuned) of the next-token distributions at the
+    # answer positions, added to the loss each step (the base is the same weights with the adapter disabled: no
+    # second model in memory). 0: off. Costs one no-grad and one trained forward pass over kl_tokens per step.
+    kl: float = Field(0.0, ge=0)
+    kl_tokens: int = Field(96, ge=8)  # replay tokens per step for the KL term (whole rows, at least one)
+
+    @field_validator("data")
+    @classmethod
+    def _plain_source(cls, data: DataSource) -> DataSource:
+        if data.mix or data.eval_path or data.eval_split:
+            raise ValueError("the replay source is one plain source: no mix, eval_path or eval_split")
+        return data
 
 
 class TrainConfig(_Strict):
@@ -185,6 +256,9 @@ class TrainConfig(_Strict):
     # while other processes keep some of them busy and raised again when they stop: two runs at once then cost
     # about 2x one run instead of ~10x (docs/performance.md). A number: exactly that many threads, never changed.
     cpu_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    # General rows mixed into training so the model does not forget what it knew (replay, self-synthesized
+    # rehearsal, a KL term to the base); None: train on the task data alone.
+    replay: ReplayConfig | None = None
 
     @model_validator(mode="after")
     def _best_checkpoint_needs_evals(self) -> TrainConfig:
@@ -236,6 +310,13 @@ class EvalConfig(_Strict):
     general: DataSource | None = Field(default_factory=lambda: DataSource(path=BUNDLED_PROBE))
     general_max_new_tokens: int = Field(16, ge=1)  # every bundled probe answer fits in 16 tokens
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @field_validator("general")
+    @classmethod
+    def _probe_unmixed(cls, general: DataSource | None) -> DataSource | None:
+        if general is not None and general.mix:
+            raise ValueError("a probe is scored, not trained on: it takes no mix")
+        return general
 
 
 class MergeConfig(_Strict):

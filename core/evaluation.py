@@ -115,16 +115,23 @@ def response_loss(model, ds: Dataset, batch_size: int, pad_id: int) -> float:
     return mean_loss(row_losses(model, ds, batch_size, pad_id))
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to each row's prompt (the tokens before its response), in row order.
+    """Greedy answers to each row's prompt (the tokens before its response), in row order."""
+    return [text for text, _finished in generate_finished(model, tokenizer, ds, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_finished(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_size: int) -> list[tuple[str, bool]]:
+    """Greedy answers to each row's prompt, in row order, each with whether it ended (an end-of-turn token) within
+    max_new_tokens.
 
     Prompts of like length are batched together (less left padding). On CPU a generate call's time is mostly
     per-token overhead, so larger batches are faster: measured in docs/performance.md."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
+    stops = {tokenizer.eos_token_id, pad_id}  # a row that ended early is padded after its end
 
-    def answer(rows: list[int]) -> list[str]:
+    def answer(rows: list[int]) -> list[tuple[str, bool]]:
         batch = ds.select(rows)
         prompts = [ids[:n] for ids, n in zip(batch["input_ids"], batch["prompt_len"])]
         ids = pad(prompts, pad_id, left=True).to(device)  # left padding: every row continues at the end
@@ -137,7 +144,10 @@ def generate_answers(model, tokenizer, ds: Dataset, max_new_tokens: int, batch_s
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
+        new = [row[ids.shape[1] :] for row in out]
+        return [
+            (tokenizer.decode(row, skip_special_tokens=True).strip(), any(int(t) in stops for t in row)) for row in new
+        ]
 
     return by_length(list(ds["prompt_len"]), batch_size, answer)
 

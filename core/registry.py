@@ -128,10 +128,12 @@ def _producer_version_id(artifact_version_id: UUID) -> UUID | None:
 def carry_over_results(input_name: str) -> list[str]:
     """Give this run's model version the results it holds but did not compute; returns the keys copied.
 
-    A cached step does not run, so it records nothing on the new model version that the run creates: a fully
-    cached rerun would leave a version with no training, evaluation or push records (ZenML does link the cached
-    artifacts to it). The artifacts behind this step's input `input_name` were produced under some earlier
-    version; every RESULT_KEYS entry that version has and this one lacks is copied over.
+    A cached step does not run, so it records nothing on the new model version that the run creates: a rerun
+    whose train step (or every step) is a cache hit would leave a version without its training, evaluation or push
+    records (ZenML does link the cached artifacts to it). Every step of this run that was taken from the cache
+    points at the step run that computed it, under some earlier version; so do the artifacts behind this step's
+    input `input_name`. Every RESULT_KEYS entry those versions have and this one lacks is copied over, the newest
+    version's first.
     """
     from zenml import get_step_context, log_metadata
     from zenml.client import Client
@@ -139,18 +141,38 @@ def carry_over_results(input_name: str) -> list[str]:
     context = get_step_context()
     if context.model_version is None:
         return []
-    current = Client().get_model_version(context.model_version.model.name, context.model_version.id)
-    sources = {_producer_version_id(a.id) for a in context.inputs.get(input_name) or []} - {None, current.id}
+    client = Client()
+    current = client.get_model_version(context.model_version.model.name, context.model_version.id)
+    sources = {_producer_version_id(a.id) for a in context.inputs.get(input_name) or []}
+    sources |= {_run_version_id(step.original_step_run_id) for step in cached_steps(context.pipeline_run.id)}
     copied: dict[str, Any] = {}
-    for version_id in sorted(sources, key=str):
-        earlier = Client().get_model_version(current.model.name, version_id)
+    earlier = [client.get_model_version(current.model.name, v) for v in sources - {None, current.id}]
+    for version in sorted(earlier, key=lambda v: v.number, reverse=True):
         for key in RESULT_KEYS:
-            if key in earlier.run_metadata and key not in current.run_metadata and key not in copied:
-                copied[key] = earlier.run_metadata[key]
+            if key in version.run_metadata and key not in current.run_metadata and key not in copied:
+                copied[key] = version.run_metadata[key]
     if copied:
         log_metadata(metadata=copied, infer_model=True)
-        logger.info("model version %s: %s carried over from the cached run's version", current.number, sorted(copied))
+        logger.info("model version %s: %s carried over from the cached steps' versions", current.number, sorted(copied))
     return sorted(copied)
+
+
+def cached_steps(run_id: UUID) -> list:
+    """The steps of a pipeline run that were taken from the cache (each with its original_step_run_id)."""
+    from zenml.client import Client
+    from zenml.enums import ExecutionStatus
+
+    run = Client().get_pipeline_run(run_id)
+    return [s for s in run.steps.values() if s.status == ExecutionStatus.CACHED and s.original_step_run_id]
+
+
+def _run_version_id(step_run_id: UUID) -> UUID | None:
+    """The model version of the run that a step run belongs to."""
+    from zenml.client import Client
+
+    client = Client()
+    run = client.get_pipeline_run(client.get_run_step(step_run_id).pipeline_run_id)
+    return run.model_version.id if run.model_version is not None else None
 
 
 def headline(metadata: dict[str, Any]) -> dict[str, Any]:

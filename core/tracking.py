@@ -15,6 +15,7 @@ run, step and model version. Without a tracker nothing here is imported or calle
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import time
@@ -146,6 +147,57 @@ def log_evaluation(report, candidate=None) -> None:
                 metrics[f"{side}_{key}"] = float(value)
     metrics["gate_passed"] = float(bool(report.gate_passed))
     mlflow.log_metrics(metrics)
+
+
+def replay_cached(run_id) -> list[str]:
+    """Log the stored results of this run's cached train and evaluate steps to the active MLflow run; returns the
+    step names replayed ([] without a tracker or without cached steps).
+
+    A cached step does not run, so no MLflow run opens around it: a first run on a tracked stack after an untracked
+    one (make run, then make run STACK=local-mlflow) would leave MLflow empty. The promote step, which runs in
+    every run, carries the tracker instead and logs what the cached steps stored (loss and eval-loss curves at
+    their optimizer steps, tokens/s, the evaluation's scores) with tags saying they were replayed from the cache
+    and from which run. A sweep point's or task's steps get a nested MLflow run each, named by the step.
+    """
+    if active_run() is None:
+        return []
+    import mlflow
+    from zenml.client import Client
+
+    from core import registry
+    from core.reports import EvalReport, TrainMetrics
+
+    client, replayed = Client(), []
+    for step in registry.cached_steps(run_id):
+        if not step.name.startswith(("train", "evaluate")):
+            continue
+        original = client.get_pipeline_run(client.get_run_step(step.original_step_run_id).pipeline_run_id)
+        nested = step.name not in ("train", "evaluate")
+        with mlflow.start_run(run_name=step.name, nested=True) if nested else contextlib.nullcontext():
+            tag_run()
+            mlflow.set_tags({"zenml.replayed_from_cache": "true", "zenml.cached_from_run": original.name})
+            for artifacts in step.outputs.values():
+                value = artifacts[0].load()
+                if isinstance(value, TrainMetrics):
+                    _log_train_metrics(value)
+                elif isinstance(value, EvalReport):
+                    log_evaluation(value)
+        replayed.append(step.name)
+    if replayed:
+        logger.info("MLflow: %s replayed from the cache into run %s", ", ".join(replayed), active_run().info.run_id)
+    return replayed
+
+
+def _log_train_metrics(metrics) -> None:
+    """A TrainMetrics' curves at their optimizer steps, and its summary, on the active MLflow run."""
+    import mlflow
+
+    for step, loss in metrics.loss_curve:
+        mlflow.log_metric("loss", float(loss), step=int(step))
+    for step, loss in metrics.eval_curve:
+        mlflow.log_metric("eval_loss", float(loss), step=int(step))
+    summary = {"tokens_per_s": metrics.tokens_per_s, "train_seconds": metrics.seconds, "steps": metrics.steps}
+    mlflow.log_metrics({k: float(v) for k, v in summary.items() if v is not None})
 
 
 def tracking_uri(component: str = "mlflow_tracker") -> str:

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 from core.config import Candidate, PipelineConfig
 from core.models import BaseModelRef
-from pipelines.single_run import general_probe, prepare_data, ship, train_and_evaluate
+from pipelines.single_run import (
+    general_probe,
+    mix_training_data,
+    prepare_data,
+    replay_source,
+    ship,
+    train_and_evaluate,
+)
 from steps.select_best import select_best
 
 
 def sweep_run(config: PipelineConfig, base: BaseModelRef) -> None:
     train_ds, eval_ds = prepare_data(config, base)
     general = general_probe(config, base)
+    train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay_source(config, base))
     points = config.sweep_points()
     adapters, reports, metrics = [], [], []
     for point in points:

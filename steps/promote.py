@@ -3,8 +3,12 @@ every candidate passed its quality gate, and write the model's history (core/gat
 
 A single run and a sweep promote after push (so a failed upload never reaches a stage); a multi-task run after
 summarize_tasks, with every task's report. Never cached: a rerun whose other steps are all cache hits still makes
-a new model version, and this step gives it the results it holds (carried over from the version they were
+a new model version, and this step gives it the results it holds (carried over from the versions they were
 computed under), its stage, and a current `model_history`.
+
+`enable_cache=False` alone does not make that so: a run config's top-level `enable_cache: true` (every shipped
+config has one) overrides every step's own setting. So the pipeline also hands it `run_token`, a value new at every
+compile (promote_inputs): its cache key never matches an earlier run's, however caching is configured.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from zenml import get_step_context, log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry
+from core import registry, tracking
 from core.caching import step_cache_policy
 from core.gate import may_promote
 from core.reports import EvalReport, ModelHistory, Promotion
@@ -25,10 +29,11 @@ logger = get_logger(__name__)
 
 @step(enable_cache=False, cache_policy=step_cache_policy(__name__))
 def promote(
-    eval_reports: list[EvalReport], promote_to: str | None = None
+    eval_reports: list[EvalReport], promote_to: str | None = None, run_token: str = ""
 ) -> tuple[Annotated[Promotion, "promotion"], Annotated[ModelHistory, "model_history"]]:
     model_name = registry.current_model_name()
     carried = registry.carry_over_results("eval_reports")
+    tracking.replay_cached(get_step_context().pipeline_run.id)  # a tracked stack gets what cached steps computed
     if not promote_to:
         result = Promotion(requested=None, reason="promote_to is not set")
     elif not may_promote(eval_reports):

@@ -161,26 +161,40 @@ def format_dataset(clean: Dataset, tokenizer, cfg: PromptConfig) -> tuple[Datase
     return train, held_out, counts
 
 
-def format_probe(rows: Dataset, tokenizer, cfg: PromptConfig) -> Dataset:
-    """Every row of a probe set (evaluate.general: general-ability questions), rendered and tokenized exactly like
-    the run's own rows (template, system prompt), none split off and none trained on. Rows longer than
-    prompt.max_seq_len are an error naming them: a probe is short questions, and a silently shorter probe would
-    change what the gate measures."""
+def format_all(rows: Dataset, tokenizer, cfg: PromptConfig, what: str, overlong: str = "fail") -> Dataset:
+    """Every row rendered and tokenized exactly like the run's own rows (template, system prompt), none split off.
+    Rows longer than prompt.max_seq_len: `overlong` fail (an error naming them), drop or truncate (the response)."""
     fmt = prompt_format(tokenizer, cfg.template)
     out = {k: [] for k in FEATURES}
-    overlong = []
+    too_long = []
     for row in rows:
         messages = with_system(row["messages"], cfg.system_prompt)
         ids, labels, prompt_len = tokenize_example(messages, tokenizer, fmt, cfg.train_on == "all_turns")
         if len(ids) > cfg.max_seq_len:
-            overlong.append(f"{row['id']} ({len(ids)} tokens)")
+            too_long.append(f"{row['id']} ({len(ids)} tokens)")
+            if overlong == "drop" or (overlong == "truncate" and prompt_len >= cfg.max_seq_len):
+                continue
+            if overlong == "truncate":
+                ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
         append_row(out, row["id"], messages, ids, labels, prompt_len)
-    if overlong:
+    if too_long and overlong == "fail":
         raise OverlongError(
-            f"evaluate.general: {len(overlong)} probe row(s) longer than prompt.max_seq_len={cfg.max_seq_len} "
-            f"tokens: {', '.join(overlong[:5])}"
+            f"{what}: {len(too_long)} row(s) longer than prompt.max_seq_len={cfg.max_seq_len} "
+            f"tokens: {', '.join(too_long[:5])}"
         )
     if not out["id"]:
-        raise ValueError("evaluate.general: the probe set has no rows")
+        raise ValueError(f"{what}: no rows left to use")
     description = json.dumps({"tokenizer": tokenizer.name_or_path})
     return Dataset.from_dict(out, features=FEATURES, info=DatasetInfo(description=description, features=FEATURES))
+
+
+def format_probe(rows: Dataset, tokenizer, cfg: PromptConfig) -> Dataset:
+    """Every row of a probe set (evaluate.general: general-ability questions), none split off and none trained on.
+    An overlong row is an error naming it: a probe is short questions, and a silently shorter probe would change
+    what the gate measures."""
+    return format_all(rows, tokenizer, cfg, "evaluate.general", overlong="fail")
+
+
+def format_source(rows: Dataset, tokenizer, cfg: PromptConfig, name: str) -> Dataset:
+    """A mixed-in training source (data.mix, train.replay): every row trains, overlong rows by prompt.overlong."""
+    return format_all(rows, tokenizer, cfg, f"mix source {name!r}", overlong=cfg.overlong)

@@ -103,6 +103,21 @@ def is_hub_id(model: ModelSource | BaseModelRef) -> bool:
     return as_source(model).source != "local"
 
 
+def replay_line(train: TrainConfig) -> str:
+    """How general rows were mixed into training, in one line for the card."""
+    replay = train.replay
+    if replay is None:
+        return "none: the task data alone"
+    source = replay.data.path if replay.data.source == "local" else f"{replay.data.path} (Hub)"
+    how = (
+        f"the base model's own greedy answers (self-synthesized rehearsal, up to {replay.max_new_tokens} tokens)"
+        if replay.answers == "own"
+        else "the source's own answers"
+    )
+    kl = f"; KL to the base on replay rows, weight {replay.kl:g}" if replay.kl else ""
+    return f"{replay.ratio:g} rows per task row from {source}, {how}{kl}"
+
+
 def build_model_card(
     *,
     model: ModelSource | BaseModelRef,
@@ -169,6 +184,7 @@ def build_model_card(
         ["optimizer", train.optim],
         ["gradient checkpointing", train.gradient_checkpointing],
         ["seed", train.seed],
+        ["replay (keeps general ability)", replay_line(train)],
         ["final train loss", f"{tm.final_train_loss:.4f}"],
         ["final eval loss", "n/a" if tm.final_eval_loss is None else f"{tm.final_eval_loss:.4f}"],
         ["trainable / total params", f"{tm.trainable_params:,} / {tm.total_params:,}"],

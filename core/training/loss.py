@@ -69,3 +69,88 @@ def labels_only_trainer_class():
             return loss
 
     return LabelsOnlySFTTrainer
+
+
+class ReplayKL:
+    """The distillation term on replay rows: KL(base || fine-tuned) of the next-token distributions at the answer
+    positions, where the base is the same model with its adapter disabled (no second copy of the weights).
+
+    Each call takes the next batch of whole replay rows (about `tokens` tokens, at least one row) from a seeded
+    stream over the rows, packed padding-free like training batches; batch n is the same in every run with the
+    same seed, so a resumed run takes the batches an uninterrupted one would.
+    """
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]], weight: float, tokens: int, seed: int):
+        if not input_ids:
+            raise ValueError("train.replay.kl needs replay rows in the training data; there are none")
+        self.input_ids, self.labels = input_ids, labels
+        self.weight, self.tokens, self.seed = weight, tokens, seed
+        self._batches: list[list[int]] = []
+        self._stream: list[int] = []
+        self._epoch = 0
+
+    def rows(self, n: int) -> list[int]:
+        """The row indices of batch n."""
+        while len(self._batches) <= n:
+            batch, size = [], 0
+            while not batch or size + len(self.input_ids[self._next()]) <= self.tokens:
+                self._next()
+                row = self._stream.pop(0)
+                batch.append(row)
+                size += len(self.input_ids[row])
+            self._batches.append(batch)
+        return self._batches[n]
+
+    def _next(self) -> int:
+        """The next row of the stream: every row once in a seeded order, then again in a new one."""
+        if not self._stream:
+            import numpy as np
+
+            rng = np.random.default_rng(self.seed + self._epoch)
+            self._stream = rng.permutation(len(self.input_ids)).tolist()
+            self._epoch += 1
+        return self._stream[0]
+
+    def batch(self, n: int, device) -> dict:
+        rows = self.rows(n)
+        ids = torch.tensor([t for r in rows for t in self.input_ids[r]], device=device)[None]
+        labels = torch.tensor([t for r in rows for t in self.labels[r]], device=device)[None]
+        positions = torch.cat([torch.arange(len(self.input_ids[r])) for r in rows]).to(device)[None]
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+    def loss(self, model, n: int) -> torch.Tensor:
+        """KL(base || fine-tuned), mean over batch n's answer positions; `model` is the peft model."""
+        batch = self.batch(n, next(model.parameters()).device)
+        labels = batch.pop("labels")
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        inputs = batch | {"use_cache": False, "logits_to_keep": keep}
+        with torch.no_grad(), model.disable_adapter():
+            reference = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+        current = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+        return F.kl_div(current, reference, log_target=True, reduction="batchmean")
+
+
+def with_replay_kl(cls, kl: ReplayKL | None):
+    """`cls` (an SFTTrainer class) with `kl.weight * KL` added to each training micro-batch's loss; `cls` itself
+    when there is no KL term."""
+    if kl is None or kl.weight == 0:
+        return cls
+
+    class ReplayKLTrainer(cls):
+        _kl_calls: int | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:  # eval loss stays the plain held-out loss
+                return out
+            if self._kl_calls is None:  # a resumed run continues the batch stream where the checkpoint left it
+                self._kl_calls = self.state.global_step * self.args.gradient_accumulation_steps
+            term = kl.loss(self.accelerator.unwrap_model(model), self._kl_calls)
+            self._kl_calls += 1
+            self._metrics["train"]["replay_kl"].append(term.item())
+            # per micro-batch, like the token-averaged loss it is added to
+            extra = kl.weight * term / self.args.gradient_accumulation_steps
+            return (out[0] + extra, *out[1:]) if return_outputs else out + extra
+
+    return ReplayKLTrainer

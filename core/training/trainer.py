@@ -45,6 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 from core import models
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
+from core.data.mixing import REPLAY, source_of
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
 from core.training.checkpoints import (
@@ -53,7 +54,7 @@ from core.training.checkpoints import (
     in_process_group,
     latest_complete_checkpoint,
 )
-from core.training.loss import labels_only_trainer_class
+from core.training.loss import ReplayKL, labels_only_trainer_class, with_replay_kl
 from core.training.resources import (
     CpuShare,
     CpuShareCallback,
@@ -207,11 +208,22 @@ def sft_args(
     )
 
 
-def make_sft_trainer(model, args, train_ds, eval_ds, tokenizer, dtype, labels_only_logits=True, callbacks=None):
-    """The SFTTrainer (labels-only loss when asked), with the LoRA weights kept in the compute dtype."""
+def make_sft_trainer(
+    model,
+    args,
+    train_ds,
+    eval_ds,
+    tokenizer,
+    dtype,
+    labels_only_logits=True,
+    callbacks=None,
+    kl: ReplayKL | None = None,
+):
+    """The SFTTrainer (labels-only loss when asked; the replay KL term when given), with the LoRA weights kept in the
+    compute dtype."""
     from trl import SFTTrainer
 
-    cls = labels_only_trainer_class() if labels_only_logits else SFTTrainer
+    cls = with_replay_kl(labels_only_trainer_class() if labels_only_logits else SFTTrainer, kl)
     trainer = cls(
         model=model,
         args=args,
@@ -272,6 +284,15 @@ class ProgressLog(TrainerCallback):
         if "eval_loss" in logs:
             self.eval_curve.append((state.global_step, float(logs["eval_loss"])))
             logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
+
+
+def replay_kl(train_ds: Dataset, cfg: TrainConfig) -> ReplayKL | None:
+    """The KL term over the training data's replay rows (train.replay.kl), or None when it is off."""
+    if cfg.replay is None or cfg.replay.kl == 0:
+        return None
+    replay = [i for i, row_id in enumerate(train_ds["id"]) if source_of(row_id) == REPLAY]
+    rows = train_ds.select(replay)
+    return ReplayKL(rows["input_ids"], rows["labels"], cfg.replay.kl, cfg.replay.kl_tokens, cfg.seed)
 
 
 def finished_checkpoint(checkpoint: Path) -> bool:
@@ -369,6 +390,7 @@ def _train_in(
             cfg.grad_accum,
         )
     progress = ProgressLog()
+    kl = replay_kl(train_ds, cfg)
 
     def make_trainer(train_args):
         return make_sft_trainer(
@@ -379,6 +401,7 @@ def _train_in(
             tokenizer,
             dtype,
             labels_only_logits=cfg.labels_only_logits,
+            kl=kl,
             callbacks=[progress]
             + ([CpuShareCallback(cpu_share)] if cpu_share else [])
             + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else [])
