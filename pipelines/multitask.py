@@ -29,7 +29,8 @@ def multitask_run(config: PipelineConfig, base: BaseModelRef) -> None:
     reports, metrics = [], []
     prepared = {task.name: prepare_data(config, base, data=task.data, suffix=f"_{task.name}") for task in config.tasks}
     general = general_probe(config, base)  # one probe for every task's adapter
-    replay = replay_source(config, base)  # one set of replay rows, mixed into each task's own
+    # one set of replay rows, mixed into each task's own, once every task's data is formatted
+    replay = replay_source(config, base, after=[f"format_prompts_{task.name}" for task in config.tasks])
     for task in config.tasks:
         train_ds, eval_ds = prepared[task.name]
         train_ds = mix_training_data(

@@ -68,11 +68,13 @@ def mix_training_data(config: PipelineConfig, base: BaseModelRef, train_ds, eval
     )
 
 
-def mixed_in_source(config: PipelineConfig, base: BaseModelRef, source, suffix: str, name: str, rehearse=None):
+def mixed_in_source(
+    config: PipelineConfig, base: BaseModelRef, source, suffix: str, name: str, rehearse=None, after=None
+):
     """ingest_<suffix> -> validate_<suffix> [-> synthesize_rehearsal] -> format_<suffix>: one mixed-in source's rows,
     validated on their own and formatted for training. `rehearse`: the replay settings when the base writes the
     answers itself."""
-    raw = ingest(data=source, fingerprint=source_fingerprint(source), id=f"ingest_{suffix}")
+    raw = ingest(data=source, fingerprint=source_fingerprint(source), id=f"ingest_{suffix}", after=after)
     clean, _report = validate(raw, validation=config.validation, id=f"validate_{suffix}")
     if rehearse is not None:
         clean = synthesize_rehearsal(
@@ -85,14 +87,17 @@ def mixed_in_source(config: PipelineConfig, base: BaseModelRef, source, suffix: 
     return format_source(clean, base=base, prompt=config.prompt, name=name, id=f"format_{suffix}")
 
 
-def replay_source(config: PipelineConfig, base: BaseModelRef):
-    """train.replay's rows, formatted for training (the base's own answers with answers: own); None without."""
+def replay_source(config: PipelineConfig, base: BaseModelRef, after: list[str]):
+    """train.replay's rows, formatted for training (the base's own answers with answers: own); None without.
+
+    It starts `after` the task data is formatted (those step ids): bad task data stops the run before the base
+    spends minutes writing rehearsal answers (ZenML's default execution mode goes on with independent steps after
+    one fails)."""
     replay = config.train.replay
     if replay is None:
         return None
-    return mixed_in_source(
-        config, base, replay.data, REPLAY, REPLAY, rehearse=replay if replay.answers == "own" else None
-    )
+    rehearse = replay if replay.answers == "own" else None
+    return mixed_in_source(config, base, replay.data, REPLAY, REPLAY, rehearse=rehearse, after=after)
 
 
 def general_probe(config: PipelineConfig, base: BaseModelRef):
@@ -159,7 +164,8 @@ def promote_run(config: PipelineConfig, reports: list, after: str) -> None:
 def single_run(config: PipelineConfig, base: BaseModelRef) -> None:
     train_ds, eval_ds = prepare_data(config, base)
     general = general_probe(config, base)
-    train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay_source(config, base))
+    replay = replay_source(config, base, after=["format_prompts"])
+    train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay)
     # train.num_processes > 1 trains across N GPUs inside the same step (core/training/distributed.py)
     adapter, metrics, report = train_and_evaluate(
         config, base, train_ds, eval_ds, config.lora, config.train, general=general

@@ -27,7 +27,8 @@ from steps.select_best import select_best
 def sweep_run(config: PipelineConfig, base: BaseModelRef) -> None:
     train_ds, eval_ds = prepare_data(config, base)
     general = general_probe(config, base)
-    train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay_source(config, base))
+    replay = replay_source(config, base, after=["format_prompts"])
+    train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay)
     points = config.sweep_points()
     adapters, reports, metrics = [], [], []
     for point in points:

@@ -176,3 +176,61 @@ def test_replay_kl_is_zero_at_the_base_grows_as_the_adapter_moves_and_trains_onl
     term.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n for n in grads)
+
+
+@pytest.mark.slow
+def test_pipeline_mixes_replay_rows_and_a_changed_ratio_reruns_only_the_mix_onwards(
+    zenml_home, tmp_path, tiny_model_dir
+):
+    import json
+
+    from conftest import TINY_TRAIN, instruction_rows
+    from zenml import Model
+    from zenml.client import Client
+
+    from pipelines import lora_pipeline
+
+    for name, rows in (("train.jsonl", instruction_rows(40, 500)), ("eval.jsonl", instruction_rows(20, 540))):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"source": "local", "name": str(tiny_model_dir)},
+        "data": {"path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "eval.jsonl")},
+        "prompt": {"system_prompt": "Mixing test."},  # its own load_probe: other modules' caches stay theirs
+        "lora": TINY_LORA,
+        "train": {
+            **TINY_TRAIN,
+            "max_steps": 2,
+            "save_every": 100,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "replay": {"answers": "data", "ratio": 0.25},
+        },
+        "evaluate": {"num_generate": 1, "max_new_tokens": 2, "general_max_new_tokens": 2,
+                     "gate": {"on_fail": "warn", "min_eval_rows": 1}},
+        "promote_to": None,
+    }  # fmt: skip
+
+    def run(config):
+        done = lora_pipeline.with_options(model=Model(name="tiny-mix"))(config=validate_config(config))
+        run = Client().get_pipeline_run(done.id)
+        return run, {name: step.status.value for name, step in run.steps.items()}
+
+    first, statuses = run(raw)
+    mixed = first.steps["mix_data"].outputs["mixed_train_dataset"][0]
+    ids = mixed.load()["id"]
+    assert len(ids) == 50 and sum(source_of(i) == REPLAY for i in ids) == 10  # 40 task rows + 0.25 x 40 replay
+    assert mixed.run_metadata["sources"][REPLAY]["rows"] == 10 and mixed.run_metadata["seed"] == TINY_TRAIN.get(
+        "seed", 42
+    )
+    assert first.steps["train"].inputs["train_dataset"][0].id == mixed.id  # train reads the mix
+    eval_prompts = {prompt_key(m) for m in first.steps["format_prompts"].outputs["eval_dataset"][0].load()["messages"]}
+    assert not eval_prompts & {prompt_key(m) for m in mixed.load()["messages"]}  # held-out rows never trained on
+
+    raw["train"]["replay"]["ratio"] = 0.5
+    _, statuses = run(raw)
+    for step in ("ingest", "validate", "format_prompts", "load_probe", "ingest_replay", "format_replay"):
+        assert statuses[step] == "cached", (step, statuses)
+    assert statuses["mix_data"] == statuses["train"] == "completed"
+
+    raw["train"]["replay"]["kl"] = 0.5  # the KL weight changes training, not the rows
+    _, statuses = run(raw)
+    assert statuses["mix_data"] == "cached" and statuses["train"] == "completed"
