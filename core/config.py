@@ -284,9 +284,11 @@ class GateConfig(_Strict):
     # many rows there are and how to get more; with on_fail: warn it only warns (and the version is not promoted)
     min_eval_rows: int = Field(20, ge=1)
     # Forgetting, measured on the general-ability probe set (evaluate.general): the fine-tuned model's mean
-    # response-token loss there may rise by at most this fraction of the base's (0.5: +50%), and its exact-match
-    # rate may fall by at most this much (absolute, 0..1). None: not checked.
-    max_general_loss_increase: float | None = Field(0.5, ge=0)
+    # response-token loss there may rise by at most this fraction of the base's (0.1: +10%), and its exact-match
+    # rate may fall by at most this much (absolute, 0..1). None: not checked. With train.replay the shipped configs
+    # stay inside both (probe loss 18-37% below the base's; exact match down 0.07-0.09, 0.12 for the 40-step
+    # container config: docs/evaluation.md).
+    max_general_loss_increase: float | None = Field(0.1, ge=0)
     max_general_em_drop: float | None = Field(0.15, ge=0, le=1)
 
 
