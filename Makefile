@@ -13,7 +13,7 @@
 # make stack-up    the local-container stack (infra/stacks/container.sh; root, Debian): dockerd, moto S3 with IAM
 #                  auth, a local ZenML server on 127.0.0.1:8237, the step image (~3 min once), the stack registered
 # make stack-run   stack-up, then configs/container.yaml with every step in its own container (artifacts in S3, the
-#                  run on the server: its dashboard), the summary, and a second run that is fully cached
+#                  run on the server: its dashboard), the summary, and a second run: all cached but promote
 # make stack-down  stops what stack-up started (nothing else); the S3 bucket's contents go with moto
 # make test-stack  the stack's own suite (pytest -m container, tests/test_container_stack.py): end to end, S3 outage,
 #                  killed train container, wrong S3 secret, two identical runs at once, the dashboard; own stack
@@ -86,7 +86,7 @@ stack-up: setup
 stack-run: stack-up
 	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(STACK_CONFIG) --stack local-container
 	$(BIN)/python -m cli.summary
-	@echo "make stack-run: the same run again: every step cached, no container started"
+	@echo "make stack-run: the same run again: every step cached but promote (one container: the new version's records)"
 	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(STACK_CONFIG) --stack local-container
 
 stack-down:

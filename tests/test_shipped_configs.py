@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, instruction_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # three CLI runs, ~1.5 min: make test-integration
 
 
 def toy_data(data: dict, root: Path, name: str, offset: int) -> None:
