@@ -98,7 +98,7 @@ class DataSource(_Strict):
 class MixSource(DataSource):
     """One more training source mixed with the task data: all its rows train, none are held out."""
 
-    # names its step ids (ingest_mix_<name>, ...) and its rows' ids in the mixed dataset (<name>/<row id>)
+    # names its step ids (ingest_mix_<name>, ...) and its rows' ids in the mixed dataset (<name>::<row id>)
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
     # its share: `ratio` rows of this source per task training row (0.25 with 336 task rows: 84 rows), or exactly
     # `rows` rows. Drawn with a seed (train.seed) without repeats while the source has rows enough, then cycling
