@@ -117,12 +117,8 @@ def _producer_version_id(artifact_version_id: UUID) -> UUID | None:
     """The model version of the run whose step produced this artifact version."""
     from zenml.client import Client
 
-    client = Client()
-    step_id = client.get_artifact_version(artifact_version_id).producer_step_run_id
-    if step_id is None:
-        return None
-    run = client.get_pipeline_run(client.get_run_step(step_id).pipeline_run_id)
-    return run.model_version.id if run.model_version is not None else None
+    step_id = Client().get_artifact_version(artifact_version_id).producer_step_run_id
+    return _run_version_id(step_id) if step_id is not None else None
 
 
 def carry_over_results(input_name: str) -> list[str]:
@@ -147,6 +143,8 @@ def carry_over_results(input_name: str) -> list[str]:
     sources |= {_run_version_id(step.original_step_run_id) for step in cached_steps(context.pipeline_run.id)}
     copied: dict[str, Any] = {}
     earlier = [client.get_model_version(current.model.name, v) for v in sources - {None, current.id}]
+    # a cached step shared with another model's run (the same data prep) holds no results of this model
+    earlier = [v for v in earlier if v.model.id == current.model.id]
     for version in sorted(earlier, key=lambda v: v.number, reverse=True):
         for key in RESULT_KEYS:
             if key in version.run_metadata and key not in current.run_metadata and key not in copied:
@@ -166,12 +164,17 @@ def cached_steps(run_id: UUID) -> list:
     return [s for s in run.steps.values() if s.status == ExecutionStatus.CACHED and s.original_step_run_id]
 
 
-def _run_version_id(step_run_id: UUID) -> UUID | None:
-    """The model version of the run that a step run belongs to."""
+def step_run_pipeline_run(step_run_id: UUID):
+    """The pipeline run a step run belongs to."""
     from zenml.client import Client
 
     client = Client()
-    run = client.get_pipeline_run(client.get_run_step(step_run_id).pipeline_run_id)
+    return client.get_pipeline_run(client.get_run_step(step_run_id).pipeline_run_id)
+
+
+def _run_version_id(step_run_id: UUID) -> UUID | None:
+    """The model version of the run that a step run belongs to."""
+    run = step_run_pipeline_run(step_run_id)
     return run.model_version.id if run.model_version is not None else None
 
 

@@ -162,16 +162,15 @@ def replay_cached(run_id) -> list[str]:
     if active_run() is None:
         return []
     import mlflow
-    from zenml.client import Client
 
     from core import registry
     from core.reports import EvalReport, TrainMetrics
 
-    client, replayed = Client(), []
+    replayed = []
     for step in registry.cached_steps(run_id):
         if not step.name.startswith(("train", "evaluate")):
             continue
-        original = client.get_pipeline_run(client.get_run_step(step.original_step_run_id).pipeline_run_id)
+        original = registry.step_run_pipeline_run(step.original_step_run_id)
         nested = step.name not in ("train", "evaluate")
         with mlflow.start_run(run_name=step.name, nested=True) if nested else contextlib.nullcontext():
             tag_run()

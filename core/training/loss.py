@@ -93,9 +93,11 @@ class ReplayKL:
         """The row indices of batch n."""
         while len(self._batches) <= n:
             batch, size = [], 0
-            while not batch or size + len(self.input_ids[self._next()]) <= self.tokens:
-                self._next()
-                row = self._stream.pop(0)
+            while True:
+                row = self._next()
+                if batch and size + len(self.input_ids[row]) > self.tokens:
+                    break
+                self._stream.pop(0)
                 batch.append(row)
                 size += len(self.input_ids[row])
             self._batches.append(batch)
