@@ -4,7 +4,7 @@
 # make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
 #                  cannot schedule, says so and prints the cron line to use instead
 # make gguf-setup  llama.cpp for GGUF export (quantized Q8_0 / Q4_K_M, checked in llama.cpp): the `gguf`
-#                  extra (builds llama.cpp, ~13 min the first time) and llama.cpp's converter
+#                  extra (builds llama.cpp for this CPU, ~13 min the first time, then cached) and its converter
 # make test-gguf   only the tests that need it (pytest -m gguf: tests/test_gguf_llamacpp.py)
 # make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
@@ -96,7 +96,9 @@ stack-down:
 test-stack: setup browser
 	$(BIN)/python -m pytest -q -m container
 
+# llama-cpp-python from its own build (core/llamacpp.py: this CPU, no AMX; never pip's wheel cache), then the extra
 $(BIN)/.gguf: $(BIN)/.installed
+	$(BIN)/python -m core.llamacpp install-runtime
 	$(BIN)/pip install -q -e ".[dev,gguf]"
 	$(BIN)/python -m core.llamacpp install-converter
 	touch $@

@@ -1,13 +1,17 @@
 """llama.cpp in the loop: its own converter makes the GGUF, its quantizer makes Q8_0 / Q4_K_M, and llama.cpp
 itself (through llama-cpp-python) loads every file to check it against the merged model.
 
-    make gguf-setup     # pip install -e ".[gguf]" (builds llama.cpp: ~13 min on 2 cores the first time, then
-                        # pip's wheel cache) and python -m core.llamacpp install-converter
+    make gguf-setup     # python -m core.llamacpp install-runtime (builds llama.cpp: ~13 min on 2 cores the
+                        # first time, then seconds from its own wheel cache), pip install -e ".[gguf]" and
+                        # python -m core.llamacpp install-converter
 
 - The converter: `convert_hf_to_gguf.py` with its `conversion/` package and the matching `gguf-py`, exactly as
   shipped in the source distribution of the installed llama-cpp-python (`install_converter` copies them into
   `<venv>/share/llama.cpp/`). It covers every architecture llama.cpp supports (Llama 3.1's RoPE scaling
   included); the converter needs `sentencepiece` importable, which the `gguf` extra installs.
+- The runtime: llama-cpp-python built from its source distribution for this machine's CPU (`GGML_NATIVE`)
+  with Intel AMX left out (`BUILD_CMAKE_ARGS`), cached under `~/.cache/lora-pipeline/llama-cpp/` by version,
+  build flags and CPU flags, never taken from pip's wheel cache (a wheel built elsewhere or with other flags).
 - Quantizing: `llama_cpp.llama_model_quantize` from the f16 file (llama.cpp's recommended source for k-quants).
 - Checking (`check_file`): greedy answers to eval prompts, token for token, and the perplexity of eval rows,
   each against the merged model in transformers (fp32).
@@ -16,10 +20,12 @@ itself (through llama-cpp-python) loads every file to check it against the merge
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +44,17 @@ TYPES = {
     "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_M"),
 }
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
-SETUP_HINT = 'make gguf-setup (pip install -e ".[gguf]", then python -m core.llamacpp install-converter)'
+SETUP_HINT = (
+    'make gguf-setup (python -m core.llamacpp install-runtime, pip install -e ".[gguf]", then '
+    "python -m core.llamacpp install-converter)"
+)
+VERSION = "0.3.36"  # llama-cpp-python; the same pin as pyproject's `gguf` extra
+# GGML_NATIVE compiles for the build machine's instruction set, less Intel AMX: llama.cpp's AMX kernels die with
+# SIGILL (`tilezero`) on the Sapphire Rapids VMs this project runs on, in greedy decoding of a 135M model (measured
+# 2026-12-06); without AMX it takes the AVX-512 kernels. GCC 12 needs each AMX flag named (-mno-amx-tile alone
+# leaves AMX-INT8 on). The build reads CMAKE_ARGS with shlex.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+BUILD_CMAKE_ARGS = f"-DGGML_NATIVE=ON '-DCMAKE_C_FLAGS={NO_AMX}' '-DCMAKE_CXX_FLAGS={NO_AMX}'"
 
 
 class LlamaCppMissingError(RuntimeError):
@@ -76,6 +92,71 @@ def require() -> None:
         )
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_PIPELINE_CACHE", Path.home() / ".cache" / "lora-pipeline")) / "llama-cpp"
+
+
+def cpu_flags() -> str:
+    """The CPU's instruction-set flags (Linux), part of the build key: a native build runs only where it was made."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    return platform.machine()
+
+
+def build_key(version: str = VERSION, cmake_args: str = BUILD_CMAKE_ARGS) -> str:
+    digest = hashlib.sha256(f"{version}\n{cmake_args}\n{cpu_flags()}".encode()).hexdigest()[:16]
+    return f"{version}-{digest}"
+
+
+def source_archive(version: str = VERSION) -> Path:
+    """llama-cpp-python's source distribution (the whole llama.cpp tree under vendor/), downloaded once."""
+    dest = cache_dir() / "sdist"
+    archive = dest / f"llama_cpp_python-{version}.tar.gz"
+    if not archive.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+                 f"llama-cpp-python=={version}"],
+                check=True,
+            )  # fmt: skip
+            (got,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+            got.replace(archive)  # whole or absent: a killed download leaves no archive behind
+    return archive
+
+
+def runtime_wheel(version: str = VERSION, cmake_args: str = BUILD_CMAKE_ARGS) -> Path:
+    """The llama-cpp-python wheel built from source for this CPU with `cmake_args`, built on first use."""
+    dest = cache_dir() / "wheels" / build_key(version, cmake_args)
+    wheels = sorted(dest.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        return wheels[-1]
+    archive = source_archive(version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        logger.info("building llama-cpp-python %s from source (CMAKE_ARGS=%s)", version, cmake_args)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "-w", tmp, str(archive)],
+            check=True,
+            env={**os.environ, "CMAKE_ARGS": cmake_args, "FORCE_CMAKE": "1"},
+        )
+        (wheel,) = Path(tmp).glob("llama_cpp_python-*.whl")
+        dest.mkdir(parents=True, exist_ok=True)
+        wheel.replace(dest / wheel.name)
+    return dest / wheel.name
+
+
+def install_runtime(version: str = VERSION) -> Path:
+    """Install llama-cpp-python from runtime_wheel() into this environment (replacing any other build of it)."""
+    wheel = runtime_wheel(version)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=True
+    )
+    return wheel
+
+
 def install_converter(dest: Path | None = None) -> Path:
     """Copy the converter of the installed llama-cpp-python's own source distribution (from pip's cache or the
     package index) into `dest` (default tools_dir()). Same version as the runtime, so the two agree on GGUF."""
@@ -86,13 +167,8 @@ def install_converter(dest: Path | None = None) -> Path:
     stamp = dest / "VERSION"
     if stamp.exists() and stamp.read_text().strip() == wanted:
         return dest
+    archive = source_archive(wanted)
     with tempfile.TemporaryDirectory(prefix="llama-cpp-src-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-             f"llama-cpp-python=={wanted}"],
-            check=True,
-        )  # fmt: skip
-        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         prefix = f"llama_cpp_python-{wanted}/vendor/llama.cpp/"
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
@@ -213,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["install-converter", "check"])
+    parser.add_argument("command", choices=["install-runtime", "install-converter", "check"])
     args = parser.parse_args(argv)
+    if args.command == "install-runtime":
+        print(f"llama-cpp-python installed from {install_runtime()}")
+        return 0
     if args.command == "install-converter":
         print(f"llama.cpp converter in {install_converter()}")
         return 0

@@ -380,3 +380,21 @@ def test_quantized_types_without_llama_cpp_say_how_to_get_it(tmp_path, merged_di
     with pytest.raises(LlamaCppMissingError, match=r"the converter not installed .*make gguf-setup"):
         export_model(ModelFolder(merged_dir), rows, ExportConfig(types=["q8_0"]), tmp_path / "out", "x")
     assert not (tmp_path / "out").exists()
+
+
+def test_llama_cpp_builds_are_keyed_by_version_flags_and_cpu(monkeypatch, tmp_path):
+    """A wheel built with other CMake flags or on another CPU is never reused (the AMX build died with SIGILL)."""
+    from core import llamacpp
+
+    assert "-mno-amx-int8" in llamacpp.BUILD_CMAKE_ARGS and "GGML_NATIVE=ON" in llamacpp.BUILD_CMAKE_ARGS
+    key = llamacpp.build_key()
+    assert key.startswith(f"{llamacpp.VERSION}-")
+    assert llamacpp.build_key(cmake_args="-DGGML_NATIVE=ON") != key
+    assert llamacpp.build_key(version="0.0.1") != key
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: "sse2 avx avx2")
+    assert llamacpp.build_key() != key
+    monkeypatch.setenv("LORA_PIPELINE_CACHE", str(tmp_path))
+    built = tmp_path / "llama-cpp" / "wheels" / llamacpp.build_key() / "llama_cpp_python-0.3.36-py3-none-any.whl"
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"")
+    assert llamacpp.runtime_wheel() == built  # found in its key's folder: no rebuild
