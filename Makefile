@@ -5,7 +5,7 @@
 #                  cannot schedule, says so and prints the cron line to use instead
 # make gguf-setup  llama.cpp for GGUF export (quantized Q8_0 / Q4_K_M, checked in llama.cpp): the `gguf`
 #                  extra (builds llama.cpp for this CPU, ~13 min the first time, then cached) and its converter
-# make test-gguf   only the tests that need it (pytest -m gguf: tests/test_gguf_llamacpp.py)
+# make test-gguf   only the tests that need it (pytest -m gguf: tests/export/test_gguf_llamacpp.py)
 # make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
 # make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
@@ -15,7 +15,7 @@
 # make stack-run   stack-up, then configs/container.yaml with every step in its own container (artifacts in S3, the
 #                  run on the server: its dashboard), the summary, and a second run: all cached but promote
 # make stack-down  stops what stack-up started (nothing else); the S3 bucket's contents go with moto
-# make test-stack  the stack's own suite (pytest -m container, tests/test_container_stack.py): end to end, S3 outage,
+# make test-stack  the stack's own suite (pytest -m container, tests/infra/test_container_stack.py): end to end, S3 outage,
 #                  killed train container, wrong S3 secret, two identical runs at once, the dashboard; own stack
 #
 # ZenML's global config, SQLite store and local artifact store live in
@@ -64,13 +64,13 @@ run: setup
 	$(BIN)/zenml pipeline run pipelines.lora_pipeline -c $(CONFIG) $(if $(STACK),--stack $(STACK))
 	$(BIN)/python -m cli.summary
 
-# tests/test_dashboard.py drives a headless Chromium and skips without one. When it is missing and
+# tests/runs/test_dashboard.py drives a headless Chromium and skips without one. When it is missing and
 # we are root on a Debian-like system (CI containers), install it; otherwise leave the machine alone.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ; } || \
-	echo "chromium not installed: tests/test_dashboard.py will skip (apt-get install chromium)"
+	echo "chromium not installed: tests/runs/test_dashboard.py will skip (apt-get install chromium)"
 
 # make test: everything but the integration suites (servers, a browser; the benchmark scripts' smoke presets),
 # which make test-integration runs, and the container stack's suite (make test-stack); CI (.ci/run) runs all three
@@ -96,11 +96,11 @@ stack-down:
 test-stack: setup browser
 	$(BIN)/python -m pytest -q -m container
 
-# llama-cpp-python from its own build (core/llamacpp.py: this CPU, no AMX; never pip's wheel cache), then the extra
+# llama-cpp-python from its own build (core/export/llamacpp.py: this CPU, no AMX; never pip's wheel cache), then the extra
 $(BIN)/.gguf: $(BIN)/.installed
-	$(BIN)/python -m core.llamacpp install-runtime
+	$(BIN)/python -m core.export.llamacpp install-runtime
 	$(BIN)/pip install -q -e ".[dev,gguf]"
-	$(BIN)/python -m core.llamacpp install-converter
+	$(BIN)/python -m core.export.llamacpp install-converter
 	touch $@
 
 gguf-setup: $(BIN)/.gguf
@@ -118,7 +118,7 @@ tracking: tracking-setup setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/mlflow.sh
 
 mlflow-ui: tracking
-	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m core.tracking uri)" --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "$$($(BIN)/python -m core.runs.tracking uri)" --host 127.0.0.1 --port 5000
 
 lint: setup
 	$(BIN)/ruff check .

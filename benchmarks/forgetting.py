@@ -29,7 +29,7 @@ from core.data.formatting import format_dataset, format_probe, format_source
 from core.data.ingest import load_rows
 from core.data.mixing import REPLAY, Share, check_disjoint, mix
 from core.data.rehearsal import synthesize
-from core.evaluation import evaluate_adapter, score_model
+from core.evaluation.scoring import evaluate_adapter, score_model
 from core.models import resolve_base
 from core.training import train_adapter
 

@@ -1,4 +1,4 @@
-"""Merge benchmark: peft's merge_and_unload (the baseline) vs the streamed merge (core/merge_stream.py).
+"""Merge benchmark: peft's merge_and_unload (the baseline) vs the streamed merge (core/merge/stream.py).
 
     python benchmarks/merge.py --preset cpu                  # SmolLM2-135M (bundled), LoRA r16 all-linear
     python benchmarks/merge.py --preset smoke --json out.json  # tiny model: checks that both rows run
@@ -9,7 +9,7 @@ subprocess so that its peak RSS is its own:
 
 - peft: load the base in the merge dtype (on the GPU when there is one), PeftModel.from_pretrained,
   merge_and_unload, save_pretrained: what the merge step did before.
-- streamed: core.merge_stream.stream_merge: one chunk of one tensor in memory at a time, B @ A on the
+- streamed: core.merge.stream.stream_merge: one chunk of one tensor in memory at a time, B @ A on the
   GPU when there is one.
 
 Reported per row: seconds (the merge itself, imports excluded), peak host RSS of the process, its RSS
@@ -59,7 +59,7 @@ def run_row(row: str, base: Path, adapter: Path, out: Path, dtype_name: str, max
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     else:
-        from core import merge_stream
+        from core.merge import stream as merge_stream
     # Imports are not timed, in either row: resolving the model class imports transformers' modeling stack.
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,14 +7,14 @@
                                                                              # the trained model version itself
 
 One run, one machine, sequentially (never both at once). Rows:
-- `direct`: core.serving.answer() in this process, on a model built by the same loader the server uses.
+- `direct`: core.serving.model.answer() in this process, on a model built by the same loader the server uses.
 - `deployment`: POST /invoke on pipelines/serve_pipeline.py deployed with ZenML's local deployer on 127.0.0.1;
   each request is a ZenML pipeline run whose outputs are stored as artifacts (ZenML's default).
 - `deployment-in-memory`: the same with `skip_artifact_materialization: true` (outputs kept in memory).
 - `openai, N clients` (N = 1, 4, 8): POST /v1/chat/completions on the same deployment with the official `openai`
   client, N client threads each sending its next request as soon as its last one is answered (closed loop), every
   client answering every prompt once. Requests that arrive together are generated in one batch
-  (core/batching.py); `openai, 1 client` is the sequential baseline of the concurrent rows.
+  (core/serving/batching.py); `openai, 1 client` is the sequential baseline of the concurrent rows.
 Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
 Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
 all requests / the row's wall time from first request to last answer). `same answers` checks the deployment's
@@ -159,7 +159,7 @@ def summarize(name: str, latencies: list[float], tokens: list[int], answers: lis
 
 
 def run_direct(served, prompts: list[str], max_new_tokens: int) -> dict:
-    from core.serving import answer
+    from core.serving.model import answer
 
     answer(served, prompts[0], "", max_new_tokens)  # warm-up
     latencies, tokens, answers = [], [], []
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from core.config import ModelSource, load_config
     from core.logs import quiet_libraries
-    from core.serving import ServeConfig, build_served_model, load_served_model
+    from core.serving.model import ServeConfig, build_served_model, load_served_model
     from pipelines.serve_pipeline import serve_pipeline
 
     quiet_libraries()

@@ -30,7 +30,9 @@ def train_lines(m) -> list[str]:
         f"final loss {m.final_train_loss:.3f}, {m.trainable_params:,} trainable params"
     ]
     if m.resumed_from_step:  # train.checkpoint_dir held this run's checkpoints from an earlier attempt
-        lines.append(f"  (resumed from checkpoint step {m.resumed_from_step}: tokens, time and loss count this attempt only)")
+        lines.append(
+            f"  (resumed from checkpoint step {m.resumed_from_step}: tokens, time and loss count this attempt only)"
+        )
     return lines
 
 

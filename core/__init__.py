@@ -6,7 +6,7 @@ import importlib
 def lazy_submodule(package: str, name: str):
     """`package.<name>` imports that submodule on first access (a package's PEP 562 __getattr__ calls this).
 
-    ZenML loads a cache policy's source dependency "core.models" (core/caching.py) as getattr(core, "models"). In a
+    ZenML loads a cache policy's source dependency "core.models" (core/runs/caching.py) as getattr(core, "models"). In a
     fresh step process (a container, a pod) nothing may have imported core.models yet, and the plain attribute
     lookup would fail: `AttributeError: module 'core' has no attribute 'models'`, before the step starts.
     """

@@ -377,7 +377,7 @@ class ExportConfig(_Strict):
     # lost). The Modelfile points at the first. Quantized types need llama.cpp (make gguf-setup).
     types: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16"], min_length=1)
     # auto: llama.cpp's own converter when installed (every architecture llama.cpp supports), else the built-in
-    # Llama-only f16 writer (core/gguf.py), so the default install stays light; llama.cpp / builtin: force one.
+    # Llama-only f16 writer (core/export/gguf.py), so the default install stays light; llama.cpp / builtin: force one.
     converter: Literal["auto", "llama.cpp", "builtin"] = "auto"
     # llama.cpp checks, each file against the merged model in transformers: greedy answers to this many eval
     # prompts (f16 must give the same tokens) and perplexity on perplexity_rows eval rows, at most these ratios.

@@ -100,7 +100,7 @@ def install_error_hook(stream=None) -> None:
         out = stream or sys.stderr
         for step, name, message in errors:
             print(f"\nerror{f' in step {step}' if step else ''}: {name}: {message}", file=out)
-        if getattr(ours, "before_run", False):  # e.g. core.preflight's checks: raised while the run was compiled
+        if getattr(ours, "before_run", False):  # e.g. core.runs.preflight's checks: raised while the run was compiled
             print("(raised on this machine before the run started: no step ran)", file=out)
         else:
             print("(the full traceback is in the failed step's logs, shown in the dashboard)", file=out)

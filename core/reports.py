@@ -305,8 +305,8 @@ class VersionRow(BaseModel):
     number: int
     created: str  # UTC, minutes
     stage: str  # "" when none
-    scores: dict  # core.registry.headline: base/tuned loss, ROUGE-L, exact match, gate
-    records: list[str] = Field(default_factory=list)  # which result records (core.registry.RESULT_KEYS) it holds
+    scores: dict  # core.runs.registry.headline: base/tuned loss, ROUGE-L, exact match, gate
+    records: list[str] = Field(default_factory=list)  # which result records (core.runs.registry.RESULT_KEYS) it holds
     runs: list[tuple[str, str]] = Field(default_factory=list)  # (run name, dashboard URL or "")
 
 

@@ -17,7 +17,7 @@ from zenml import Model, pipeline
 from core.config import PipelineConfig
 from core.logs import install_error_hook
 from core.models import resolve_base
-from core.preflight import check_artifact_store
+from core.runs.preflight import check_artifact_store
 from pipelines.multitask import multitask_run
 from pipelines.single_run import single_run
 from pipelines.sweep import sweep_run
@@ -28,7 +28,7 @@ install_error_hook()  # a run stopped by our own error ends with its message (ze
 @pipeline(enable_cache=True, model=Model(name="qlora-adapter", license="apache-2.0"))
 def lora_pipeline(config: PipelineConfig) -> None:
     # Before anything is uploaded or any step container starts: a remote artifact store that cannot be reached or
-    # refuses its credentials stops the run here with one line naming the store (core/preflight.py).
+    # refuses its credentials stops the run here with one line naming the store (core/runs/preflight.py).
     check_artifact_store()
     # Runs on the client while ZenML compiles the DAG: the base model is resolved once into a typed reference
     # whose identity (GGUF file, local folder contents, Hub revision) keys every step that loads it.

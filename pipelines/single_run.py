@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import uuid
 
-from core import tracking
 from core.config import Candidate, PipelineConfig
 from core.data.ingest import source_fingerprint
 from core.data.mixing import REPLAY
 from core.models import BaseModelRef
+from core.runs import tracking
 from steps.evaluate import evaluate
 from steps.export_gguf import export_gguf
 from steps.format_prompts import format_prompts

@@ -1,9 +1,9 @@
-"""The serving step, chat: one chat turn against the model the deployment loaded once (core/serving.py).
+"""The serving step, chat: one chat turn against the model the deployment loaded once (core/serving/model.py).
 
 Runs inside pipelines/serve_pipeline.py for every `POST /invoke`. The model, tokenizer and adapters are the
 pipeline state built by the `on_init` hook (`get_step_context().pipeline_state`), so a request only switches
 adapter and generates. The deployment's service checks each request before it starts a run (see
-pipelines/serve_pipeline.py); the step checks again (core.serving.answer), so a bad request that
+pipelines/serve_pipeline.py); the step checks again (core.serving.model.answer), so a bad request that
 reaches it by another way (e.g. /submit) fails that run with a ServeRequestError naming the field.
 """
 
@@ -14,8 +14,8 @@ from typing import Annotated
 from zenml import get_step_context, step
 from zenml.logger import get_logger
 
-from core.caching import step_cache_policy
-from core.serving import ServedModel, ServeLoadError, answer
+from core.runs.caching import step_cache_policy
+from core.serving.model import ServedModel, ServeLoadError, answer
 
 logger = get_logger(__name__)
 

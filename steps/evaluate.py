@@ -1,5 +1,5 @@
 """Step 5, evaluate: the fine-tuned model against the base (and the current stage) on the held-out split and
-the general-ability probe, with the quality gate's verdict (core/evaluation.py, core/gate.py).
+the general-ability probe, with the quality gate's verdict (core/evaluation/scoring.py, core/evaluation/gate.py).
 
 Like train, one step for a single run, each task and each sweep point: `candidate` names its output.
 """
@@ -13,14 +13,14 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry, tracking
 from core.artifacts import ModelFolder, dataset_content_hash
-from core.caching import step_cache_policy
 from core.config import Candidate, EvalConfig
-from core.evaluation import evaluate_adapter
+from core.evaluation.scoring import evaluate_adapter
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
 from core.reports import EvalReport
+from core.runs import registry, tracking
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Optional step, export_gguf: the merged model as GGUF files for llama.cpp and Ollama (f16, Q8_0, Q4_K_M by
 `export.types`), each loaded back and checked against the merged model, plus an Ollama Modelfile whose template
-is checked against training's (core/gguf.py, core/llamacpp.py). Runs after merge when `export.enabled` is true.
+is checked against training's (core/export/gguf.py, core/export/llamacpp.py). Runs after merge when `export.enabled` is true.
 
     ollama create my-model -f Modelfile && ollama run my-model
     llama-cli -m <name>-Q4_K_M.gguf -cnv
@@ -15,13 +15,14 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import models, registry
+from core import models
 from core.artifacts import ModelFolder, scratch_dir
-from core.caching import step_cache_policy
 from core.config import ExportConfig
-from core.gguf import default_name, export_model
+from core.export.gguf import default_name, export_model
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
+from core.runs import registry
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

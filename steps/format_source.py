@@ -11,11 +11,11 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
-from core.caching import step_cache_policy
 from core.config import PromptConfig
 from core.data.formatting import format_source as format_rows
 from core.data.formatting import token_stats
 from core.models import BaseModelRef
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

@@ -10,9 +10,9 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the dataset materializer)
-from core.caching import step_cache_policy
 from core.config import DataSource
 from core.data.ingest import load_rows
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

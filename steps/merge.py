@@ -1,9 +1,9 @@
 """Step 6, merge: the adapter folded into a float16 (or bfloat16) copy of the base, checked by its logits
-(core/merge.py, core/merge_stream.py).
+(core/merge/adapter.py, core/merge/stream.py).
 
     python benchmarks/merge.py --preset cpu     # streamed merge vs peft's merge_and_unload
 
-The step first enforces the quality gate from evaluate (core/gate.py): a failed candidate stops here,
+The step first enforces the quality gate from evaluate (core/evaluation/gate.py): a failed candidate stops here,
 before anything is merged or pushed (unless gate.on_fail is warn).
 """
 
@@ -17,13 +17,13 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core.artifacts import ModelFolder, scratch_dir
-from core.caching import step_cache_policy
 from core.config import MergeConfig
-from core.gate import enforce_gate
+from core.evaluation.gate import enforce_gate
 from core.logs import quiet_libraries
-from core.merge import merge_adapter
+from core.merge.adapter import merge_adapter
 from core.models import BaseModelRef
 from core.reports import EvalReport
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

@@ -10,9 +10,9 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core.caching import step_cache_policy
 from core.data.formatting import token_stats
 from core.data.mixing import Share, check_disjoint, mix
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

@@ -1,5 +1,5 @@
 """The last step of every kind of run: record what the run's model version holds, promote it to `promote_to` when
-every candidate passed its quality gate, and write the model's history (core/gate.py, core/registry.py).
+every candidate passed its quality gate, and write the model's history (core/evaluation/gate.py, core/runs/registry.py).
 
 A single run and a sweep promote after push (so a failed upload never reaches a stage); a multi-task run after
 summarize_tasks, with every task's report. Never cached: a rerun whose other steps are all cache hits still makes
@@ -19,10 +19,10 @@ from zenml import get_step_context, log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry, tracking
-from core.caching import step_cache_policy
-from core.gate import may_promote
+from core.evaluation.gate import may_promote
 from core.reports import EvalReport, ModelHistory, Promotion
+from core.runs import registry, tracking
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

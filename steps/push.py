@@ -11,13 +11,13 @@ from typing import Annotated
 from zenml import get_step_context, step
 
 import materializers  # noqa: F401  (registers the project's materializers)
-from core import registry
 from core.artifacts import ModelFolder
-from core.caching import step_cache_policy
 from core.config import LoraSettings, PushConfig, TrainConfig
 from core.hub import push_model
 from core.models import BaseModelRef
 from core.reports import EvalReport, PushResult, TrainMetrics
+from core.runs import registry
+from core.runs.caching import step_cache_policy
 
 
 # Cacheable: a hit means these exact inputs were already built (and, in hub mode, uploaded) by the run it hits.

@@ -1,4 +1,4 @@
-"""Sweep, last step before merge: the grid point with the lowest held-out eval loss goes on (core/sweep.py).
+"""Sweep, last step before merge: the grid point with the lowest held-out eval loss goes on (core/runs/sweep.py).
 
 Takes every point's adapter, eval report and train metrics as lists (ZenML passes a list of upstream
 artifacts as one input), records the comparison table `sweep_table` (HTML in the dashboard) and returns the
@@ -14,12 +14,12 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the folder, dataset and report materializers)
-from core import registry
 from core.artifacts import ModelFolder
-from core.caching import step_cache_policy
 from core.config import LoraSettings, TrainConfig
 from core.reports import EvalReport, TrainMetrics
-from core.sweep import SELECT_BY, SweepTable, best_point
+from core.runs import registry
+from core.runs.caching import step_cache_policy
+from core.runs.sweep import SELECT_BY, SweepTable, best_point
 
 logger = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Multi-task run, last step before promote: every task adapter's scores side by side (`task_summary`,
 HTML in the dashboard), all of them on the model version under `tasks`, and the quality gate enforced for
-every task (a failed gate with on_fail: stop fails this step, so nothing is promoted) (core/tasks.py).
+every task (a failed gate with on_fail: stop fails this step, so nothing is promoted) (core/runs/tasks.py).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Annotated, Any
 from zenml import step
 
 import materializers  # noqa: F401  (registers the report materializer)
-from core import registry
-from core.caching import step_cache_policy
-from core.gate import enforce_gate
+from core.evaluation.gate import enforce_gate
 from core.reports import EvalReport, TrainMetrics
-from core.tasks import TaskSummary, summarize
+from core.runs import registry
+from core.runs.caching import step_cache_policy
+from core.runs.tasks import TaskSummary, summarize
 
 
 @step(cache_policy=step_cache_policy(__name__))

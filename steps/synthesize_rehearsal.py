@@ -11,11 +11,11 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core.caching import step_cache_policy
 from core.config import PromptConfig
 from core.data.rehearsal import synthesize
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
+from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
 

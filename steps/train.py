@@ -16,13 +16,13 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
-from core import registry, tracking
 from core.artifacts import ModelFolder, scratch_dir
-from core.caching import step_cache_policy
 from core.config import Candidate, LoraSettings, QuantConfig, TrainConfig
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
+from core.runs import registry, tracking
+from core.runs.caching import step_cache_policy
 from core.training import train_adapter
 from core.training.distributed import train_distributed
 

@@ -8,9 +8,9 @@ from datasets import Dataset
 from zenml import log_metadata, step
 
 import materializers  # noqa: F401  (registers the dataset and report materializers)
-from core.caching import step_cache_policy
 from core.config import ValidationConfig
 from core.data.validation import ValidationReport, validate_dataset
+from core.runs.caching import step_cache_policy
 
 
 @step(cache_policy=step_cache_policy(__name__))

@@ -5,7 +5,7 @@ import yaml
 
 from core.config import ConfigError, load_config, validate_config
 
-# Training run configs; configs/serve.yaml configures the serving deployment (tests/test_serve.py checks it).
+# Training run configs; configs/serve.yaml configures the serving deployment (tests/serving/test_serve.py checks it).
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if p.name != "serve.yaml")
 
 

@@ -1,5 +1,5 @@
 """The layout rule (docs/layout.md): core/ is the library, steps/ wire it one step per file, pipelines/ hold DAGs;
-and every step's cache key covers the core modules it reaches (core/caching.py)."""
+and every step's cache key covers the core modules it reaches (core/runs/caching.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.caching import project_dependencies
+from core.runs.caching import project_dependencies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,8 @@ def test_a_step_cache_key_covers_every_core_module_it_reaches():
 
 
 def test_imports_inside_functions_count_too():
-    # core.serving imports `materializers` only inside a function; the package's __init__ pulls in its modules
-    deps = set(project_dependencies("core.serving"))
+    # core.serving.model imports `materializers` only inside a function; the package's __init__ pulls in its modules
+    deps = set(project_dependencies("core.serving.model"))
     assert {"materializers", "materializers.folder_materializer", "core.prompts"} <= deps
 
 

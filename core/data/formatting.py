@@ -47,7 +47,7 @@ def tokenize_example(
     The last assistant turn is always learned. With `all_turns` (chat template only) every earlier assistant turn
     is too, each from its first token through its end-of-turn token; system and user turns, and the template's
     "<|im_start|>assistant" headers, stay -100. The prompt (everything before the last answer) is tokenized in
-    one piece either way, exactly as generation tokenizes it (core.serving, core.evaluation).
+    one piece either way, exactly as generation tokenizes it (core.serving.model, core.evaluation.scoring).
     """
     prompt, response = render(messages, tokenizer, fmt)
     chat = fmt == "chat"

@@ -50,7 +50,7 @@ def synthesize(
     sentence, or an empty one, is dropped."""
     tokenizer = models.load_tokenizer(base)
     model = models.load_base(base, quant=None).eval()  # unquantized, as evaluate scores the base
-    from core.evaluation import generate_finished
+    from core.evaluation.scoring import generate_finished
 
     rendered = format_all(prompts, tokenizer, prompt, "train.replay", overlong="drop")
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 QLoRA's frozen base is stored in 4 bits, and every matmul computes with the dequantized weights. A model whose
 Linear4bit layers are replaced by plain fp32 Linear layers holding exactly those dequantized weights
 (`bitsandbytes.functional.dequantize_4bit`) must therefore train the same LoRA weights, up to float rounding.
-tests/test_precision.py trains both for a few steps and compares losses and LoRA gradients, so a kernel or
+tests/training/test_precision.py trains both for a few steps and compares losses and LoRA gradients, so a kernel or
 precision change that silently alters training fails on any CPU; benchmarks/train_throughput.py trains it as
 its `ref-dequantized` row (build_dequantized_model in place of the train step's build_model).
 """

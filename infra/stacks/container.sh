@@ -36,7 +36,7 @@
 # The stack is not made active (like infra/stacks/mlflow.sh): pass --stack local-container.
 # Other variables: STACK_STATE (pid files, logs, the key; default .cache/stack: a test suite runs a
 # second stack next to this one with its own), S3_ENDPOINT (the endpoint the artifact store uses,
-# default http://127.0.0.1:$S3_PORT; tests/test_container_stack.py puts a TCP forwarder it can stop
+# default http://127.0.0.1:$S3_PORT; tests/infra/test_container_stack.py puts a TCP forwarder it can stop
 # in between), CACHE_DIR, ZENML_PORT, S3_PORT, BUCKET.
 set -euo pipefail
 

@@ -1,0 +1,7 @@
+"""The OpenAI-compatible API: request/response shapes and routes (routes)."""
+
+from core import lazy_submodule
+
+
+def __getattr__(name: str):  # `core.serving.openai.<submodule>` imports it (ZenML cache policies; core/__init__.py)
+    return lazy_submodule(__name__, name)
