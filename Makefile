@@ -17,6 +17,8 @@
 # make stack-down  stops what stack-up started (nothing else); the S3 bucket's contents go with moto
 # make test-stack  the stack's own suite (pytest -m container, tests/infra/test_container_stack.py): end to end, S3 outage,
 #                  killed train container, wrong S3 secret, two identical runs at once, the dashboard; own stack
+# make config-docs regenerate docs/config.md, the reference of every config key, from core/config.py's descriptions
+#                  (python -m cli.config_docs; tests/test_config_docs.py fails while it is stale)
 #
 # ZenML's global config, SQLite store and local artifact store live in
 # .zenml-home/ (git-ignored) unless you point ZENML_CONFIG_PATH elsewhere.
@@ -39,7 +41,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui stack-up stack-run stack-down test-stack
+.PHONY: setup run test lint config-docs dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui stack-up stack-run stack-down test-stack
 
 # Setup is ~50 s on 2 cores instead of pip alone's ~120 s (measured, docs/performance.md): pip's serial
 # byte-compiling of every file was half of it, so installs skip it and one parallel compileall does it at the end;
@@ -122,6 +124,9 @@ mlflow-ui: tracking
 
 lint: setup
 	$(BIN)/ruff check .
+
+config-docs: setup
+	$(BIN)/python -m cli.config_docs
 
 dashboard: setup
 	$(BIN)/zenml login --local

