@@ -9,7 +9,7 @@
 # make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
 # make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
-#                  on 127.0.0.1; make unserve stops it (see README "Serving")
+#                  on 127.0.0.1; make unserve stops it (see docs/serving.md)
 # make stack-up    the local-container stack (infra/stacks/container.sh; root, Debian): dockerd, moto S3 with IAM
 #                  auth, a local ZenML server on 127.0.0.1:8237, the step image (~3 min once), the stack registered
 # make stack-run   stack-up, then configs/container.yaml with every step in its own container (artifacts in S3, the

@@ -8,7 +8,7 @@
         .choices[0].message.content)'
     zenml deployment deprovision lora-chat
 
-(`make serve` / `make unserve` register the local deployer and stack first; see README "Serving".)
+(`make serve` / `make unserve` register the local deployer and stack first; see docs/serving.md.)
 
 The `on_init` hook runs once per server: it finds the ZenML Model version named in the config
 (`on_init_kwargs.config`, a core.serving.model.ServeConfig) and loads either the base with every adapter
