@@ -32,7 +32,7 @@ import torch
 from core import models
 from core.artifacts import ModelFolder
 from core.config import ExportConfig, ModelSource
-from core.evaluation.scoring import batch_logits, max_relative_diff
+from core.tensors import batch_logits, max_relative_diff
 
 logger = logging.getLogger(__name__)
 

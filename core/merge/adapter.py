@@ -35,8 +35,8 @@ from datasets import Dataset
 from core import models
 from core.artifacts import ModelFolder
 from core.config import MergeConfig, ModelSource
-from core.evaluation.scoring import batch_logits, max_relative_diff
 from core.merge import stream as merge_stream
+from core.tensors import batch_logits, max_relative_diff
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 
 from core.serving.batching import Generation, QueueFullError
 from core.serving.model import ServeConfig, answer, build_served_model
-from core.serving.openai.routes import OpenAIError, add_routes, check_access, parse_chat_request
+from core.serving.openai.errors import OpenAIError
+from core.serving.openai.routes import add_routes, check_access
+from core.serving.openai.service import parse_chat_request
 
 SYSTEM = "You answer toy questions."
 QUESTION = "What is the code for item 3?"

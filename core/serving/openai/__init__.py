@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: request/response shapes and routes (routes)."""
+"""The OpenAI-compatible API: its shapes (protocol), errors (errors), the work of each route (service), routes."""
 
 from core import lazy_submodule
 
