@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.cdp import Browser, find_chromium
+from support.browser import Browser, find_chromium
 
 pytestmark = [pytest.mark.container]
 

@@ -4,7 +4,7 @@
    temporary ZENML_CONFIG_PATH (the test session's SQLite store is left alone).
 2. tests/support/dashboard_run.py runs the tiny pipeline against that server in a child process and reports,
    through the ZenML client, each step's input and output artifact versions and the model version.
-3. Chromium (Debian's package, driven over the DevTools protocol by tests/support/cdp.py) opens the
+3. Chromium (Debian's package, driven by playwright through tests/support/browser.py) opens the
    dashboard, fills in the first-start account form as a person would, opens the run's page
    and the training report, and keeps screenshots in outputs/dashboard/ (git-ignored).
 Without Chromium the browser test skips (with the reason); the lineage test still runs.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
-from support.cdp import Browser, find_chromium
+from support.browser import Browser, find_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # a ZenML server and Chromium: make test-integration
 

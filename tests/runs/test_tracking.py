@@ -101,7 +101,7 @@ def _free_port() -> int:
 
 def test_mlflow_ui_shows_the_loss_chart(tracked_run, tmp_path):
     from mlflow.tracking import MlflowClient
-    from support.cdp import Browser, find_chromium
+    from support.browser import Browser, find_chromium
 
     chromium = find_chromium()
     if chromium is None:
@@ -136,7 +136,7 @@ def test_mlflow_ui_shows_the_loss_chart(tracked_run, tmp_path):
             text = browser.wait_for_text("eval_loss", "finetuned_loss", timeout=60)
             assert "tokens_per_s" not in text and "base_exact_match" not in text  # filtered to the loss charts
             # a chart is drawn, not only the metric names: plotly's SVG with its data trace
-            assert browser._poll("document.querySelectorAll('svg .scatterlayer .trace').length || null", timeout=60)
+            browser.wait_for("document.querySelectorAll('svg .scatterlayer .trace').length", timeout=60)
             browser.screenshot(tmp_path / "mlflow-loss.png")
             assert (tmp_path / "mlflow-loss.png").stat().st_size > 10_000
     finally:
