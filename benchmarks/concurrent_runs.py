@@ -7,7 +7,7 @@ Each run is benchmarks/train_throughput.py's `ours` row (the pipeline's train st
 its own process, as a schedule overlapping a manual run, or two sweep pods on one node, would be. Rows:
 - `alone`: one run with the default `train.cpu_threads: auto`;
 - `N at once`: N runs started together, the default: each run's torch threads follow the cores the others leave
-  free (core.training.resources.CpuShare);
+  free (core.training.cpu_share.CpuShare);
 - `N at once, fixed threads`: the same with `train.cpu_threads` fixed at this process's usable cores, what every
   run did before CpuShare: OpenMP threads spin at barriers waiting for a partner whose core the other run holds.
 Per row: wall seconds from the first start to the last end, its ratio to `alone`, and each run's real tokens/s and
@@ -27,7 +27,7 @@ from pathlib import Path
 import common
 import yaml
 
-from core.training.resources import usable_cpus
+from core.cpus import usable_cpus
 
 PRESETS = {
     "smoke": {"train_preset": "smoke", "steps": 2, "runs": 2},

@@ -525,7 +525,7 @@ def worker(spec_path: Path) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from core.training.resources import compute_settings
+    from core.training.compute import compute_settings
 
     spec = RowSpec(**json.loads(spec_path.read_text()))
     preset = PRESETS[spec.preset]
@@ -678,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {preset.name}: {preset.note}")
     print(f"device: {common.device_name(threads=True)}")
     print("versions: " + common.describe(common.versions(*PACKAGES)))
-    # what decides the numbers on this machine (core.training.resources.compute_settings; each row pins the same)
-    from core.training.resources import compute_settings
+    # what decides the numbers on this machine (core.training.compute.compute_settings; each row pins the same)
+    from core.training.compute import compute_settings
 
     print("settings: " + common.describe(compute_settings()))
     print(f"ours: technique settings from {args.config}; rows: {', '.join(wanted)}")

@@ -129,7 +129,7 @@ def train_and_evaluate(
         base=base,
         quant=config.quant,
         lora=lora,
-        train=train_settings,
+        train_cfg=train_settings,
         candidate=candidate,
         id=ids["train"],
     )
@@ -137,7 +137,7 @@ def train_and_evaluate(
         adapter,
         eval_ds,
         base=base,
-        evaluate=config.evaluate,
+        eval_cfg=config.evaluate,
         candidate=candidate,
         general_dataset=general,
         id=ids["evaluate"],
@@ -147,10 +147,10 @@ def train_and_evaluate(
 
 def ship(config: PipelineConfig, base: BaseModelRef, adapter, report, metrics, eval_ds, lora, train_settings) -> None:
     """merge -> (export_gguf) -> push -> promote, for the adapter a single run or a sweep chose."""
-    merged = merge(adapter, report, eval_ds, base=base, merge=config.merge)
+    merged = merge(adapter, report, eval_ds, base=base, merge_cfg=config.merge)
     if config.export.enabled:  # the merged model as one GGUF file for llama.cpp / Ollama
         export_gguf(merged, eval_ds, base=base, export=config.export, system_prompt=config.prompt.system_prompt)
-    push(merged, adapter, report, metrics, base=base, lora=lora, train=train_settings, push=config.push)
+    push(merged, adapter, report, metrics, base=base, lora=lora, train_cfg=train_settings, push_cfg=config.push)
     promote_run(config, [report], after="push")  # only after a successful push
 
 

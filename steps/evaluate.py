@@ -30,18 +30,18 @@ def evaluate(
     adapter: ModelFolder,
     eval_dataset: Dataset,
     base: BaseModelRef,
-    evaluate: EvalConfig,
+    eval_cfg: EvalConfig,
     candidate: Candidate = Candidate(),
     general_dataset: Dataset | None = None,
 ) -> Annotated[EvalReport, "{prefix}eval_report{suffix}"]:
     quiet_libraries()
-    model_name, stage = registry.current_model_name(), evaluate.gate.compare_with_stage
+    model_name, stage = registry.current_model_name(), eval_cfg.gate.compare_with_stage
     reference = None
     if stage and model_name:
         task = candidate.name if candidate.kind == "task" else None
         reference = registry.stage_reference(model_name, stage, dataset_content_hash(eval_dataset), task=task)
     report = evaluate_adapter(
-        adapter, eval_dataset, base, evaluate, stage_reference=reference, general_ds=general_dataset
+        adapter, eval_dataset, base, eval_cfg, stage_reference=reference, general_ds=general_dataset
     )
     for line in report.gate_messages:
         logger.info("gate: %s", line)

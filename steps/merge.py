@@ -30,11 +30,11 @@ logger = get_logger(__name__)
 
 @step(cache_policy=step_cache_policy(__name__))
 def merge(
-    adapter: ModelFolder, eval_report: EvalReport, eval_dataset: Dataset, base: BaseModelRef, merge: MergeConfig
+    adapter: ModelFolder, eval_report: EvalReport, eval_dataset: Dataset, base: BaseModelRef, merge_cfg: MergeConfig
 ) -> Annotated[ModelFolder, "merged_model"]:
     quiet_libraries()
     enforce_gate(eval_report)
-    folder, info = merge_adapter(adapter, base, merge, eval_dataset, scratch_dir("merged-") / "model")
+    folder, info = merge_adapter(adapter, base, merge_cfg, eval_dataset, scratch_dir("merged-") / "model")
     logger.info("merged model: %s", info)
     log_metadata(metadata=info, artifact_name="merged_model", infer_artifact=True)
     return folder

@@ -29,8 +29,8 @@ def push(
     train_metrics: TrainMetrics,
     base: BaseModelRef,
     lora: LoraSettings,
-    train: TrainConfig,
-    push: PushConfig,
+    train_cfg: TrainConfig,
+    push_cfg: PushConfig,
 ) -> tuple[Annotated[ModelFolder, "upload_bundle"], Annotated[PushResult, "push_result"]]:
     """Build the Hub upload folder (and upload it in hub mode); record what went where on the model version."""
     bundle, result = push_model(
@@ -40,8 +40,8 @@ def push(
         train_metrics,
         model=base,
         lora=lora,
-        train=train,
-        push=push,
+        train=train_cfg,
+        push=push_cfg,
         run_id=str(get_step_context().pipeline_run.id),
     )
     fields = ("mode", "repo_id", "total_bytes", "commit_url", "commit_oid", "revision", "pr_url")

@@ -36,22 +36,22 @@ def train(
     base: BaseModelRef,
     quant: QuantConfig,
     lora: LoraSettings,
-    train: TrainConfig,
+    train_cfg: TrainConfig,
     candidate: Candidate = Candidate(),
 ) -> tuple[Annotated[ModelFolder, "{prefix}adapter{suffix}"], Annotated[TrainMetrics, "{prefix}train_metrics{suffix}"]]:
     quiet_libraries()
     out = scratch_dir("adapter-")
-    if train.num_processes > 1:
-        logger.info("training with accelerate across %d processes", train.num_processes)
-        adapter, metrics = train_distributed(train_dataset, eval_dataset, base, quant, lora, train, out)
+    if train_cfg.num_processes > 1:
+        logger.info("training with accelerate across %d processes", train_cfg.num_processes)
+        adapter, metrics = train_distributed(train_dataset, eval_dataset, base, quant, lora, train_cfg, out)
     else:
-        live = tracking.training_callbacks(candidate, lora=lora, quant=quant, train=train)  # MLflow, when tracked
+        live = tracking.training_callbacks(candidate, lora=lora, quant=quant, train=train_cfg)  # MLflow, when tracked
         adapter, metrics = train_adapter(
-            train_dataset, eval_dataset, base, quant, lora, train, out / "adapter", callbacks=live
+            train_dataset, eval_dataset, base, quant, lora, train_cfg, out / "adapter", callbacks=live
         )
     summary = metrics.summary()
-    if train.num_processes > 1:
-        summary["num_processes"] = train.num_processes
+    if train_cfg.num_processes > 1:
+        summary["num_processes"] = train_cfg.num_processes
     logger.info("%s done: %s", candidate.label, json.dumps(summary))
     who = {candidate.kind: candidate.name} if candidate.name else {}
     log_metadata(metadata={**who, **summary}, artifact_name=candidate.artifact("train_metrics"), infer_artifact=True)

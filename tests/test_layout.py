@@ -41,10 +41,19 @@ def test_a_step_file_is_one_thin_step_importing_no_other_step(path):
 
 def test_a_step_cache_key_covers_every_core_module_it_reaches():
     deps = set(project_dependencies("steps.train"))
-    # the step's own file, what it imports, and what those import in turn (trainer -> loss -> prompts)
+    # the step's own file, what it imports, and what those import in turn (trainer -> loss -> prompts,
+    # trainer -> oom -> checkpoints, trainer -> cpu_share -> core.cpus)
     assert {"steps.train", "core.training.trainer", "core.training.distributed", "core.training.loss"} <= deps
+    assert {"core.training.oom", "core.training.disk", "core.training.cpu_share", "core.training.compute"} <= deps
+    assert {"core.training.packing", "core.training.checkpoints", "core.cpus"} <= deps
     assert "core.prompts" in deps and "core.models" in deps
     assert not {d for d in deps if d.startswith(("steps.", "pipelines.")) and d != "steps.train"}
+
+
+def test_a_stage_borrows_shared_helpers_not_another_stage():
+    # the export sizes llama.cpp's threads with core.cpus.usable_cpus, shared with training, not from core/training/
+    deps = set(project_dependencies("steps.export_gguf"))
+    assert "core.cpus" in deps and not {d for d in deps if d.startswith("core.training")}
 
 
 def test_imports_inside_functions_count_too():

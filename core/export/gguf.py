@@ -614,8 +614,8 @@ def export_llamacpp(
     Returns ({type: file}, info). On any failure every file written here is deleted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.cpus import usable_cpus
     from core.export import llamacpp
-    from core.training.resources import usable_cpus
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

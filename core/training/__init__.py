@@ -1,4 +1,5 @@
-"""Training: QLoRA with bitsandbytes, peft and trl (trainer), its loss, checkpoints, resources and multi-GPU launch."""
+"""Training: QLoRA with bitsandbytes, peft and trl (trainer), its loss, checkpoints, what it needs from the machine
+(disk, oom, packing, cpu_share, compute) and multi-GPU launch."""
 
 from core import lazy_submodule
 from core.training.trainer import train_adapter

@@ -45,6 +45,11 @@ def checkpoint_folder(train_ds: Dataset, eval_ds: Dataset, base, quant, lora, cf
     return Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg)
 
 
+def checkpoint_step(checkpoint: Path | str) -> int:
+    """The training step a checkpoint-N folder was saved at: N."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """Newest checkpoint-N with adapter, optimizer state and trainer state; incomplete ones are skipped."""
     found = []

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +52,16 @@ from core.reports import TrainMetrics
 from core.training.checkpoints import (
     checkpoint_folder,
     checkpoint_lock,
+    checkpoint_step,
     in_process_group,
     latest_complete_checkpoint,
 )
+from core.training.compute import compute_settings, peak_memory_bytes, pin_training_precision, resolve_liger
+from core.training.cpu_share import CpuShare, CpuShareCallback, set_cpu_threads
+from core.training.disk import check_disk_space, count_parameters
 from core.training.loss import ReplayKL, labels_only_trainer_class, with_replay_kl
-from core.training.resources import (
-    CpuShare,
-    CpuShareCallback,
-    check_disk_space,
-    compute_settings,
-    count_parameters,
-    longest_row,
-    packed_sequence_length,
-    peak_memory_bytes,
-    pin_cpu_threads,
-    pin_training_precision,
-    resolve_liger,
-    train_with_oom_retry,
-)
+from core.training.oom import train_with_oom_retry
+from core.training.packing import longest_row, packed_sequence_length
 
 logger = logging.getLogger(__name__)
 
@@ -156,56 +149,84 @@ def local_base_name(peft_model, model: ModelSource):
 def sft_args(
     cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False
 ):
-    """The SFTConfig of a run: schedule, batch geometry, checkpointing and the fast-path switches."""
+    """The SFTConfig of a run: schedule, batch geometry, evaluation and checkpoints, and the fast-path switches."""
     from trl import SFTConfig
 
-    packing = pack_length is not None
-    keep_best = bool(cfg.eval_every and cfg.keep_best)
     return SFTConfig(
         output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_epochs,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch"),
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not cuda,
-        eval_strategy="steps" if cfg.eval_every else "no",
-        eval_steps=cfg.eval_every or None,
-        # keep_best: the checkpoint with the lowest eval loss is loaded back at the end and shipped
-        load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_loss" if keep_best else None,
-        greater_is_better=False if keep_best else None,
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
-        include_num_input_tokens_seen="all" if packing else "non_padding",
+        **_schedule(cfg, cuda),
+        **_batch_geometry(cfg, pack_length),
+        **_evaluation_and_checkpoints(cfg),
+        **_fast_path(cfg, cuda, dtype, liger),
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
-        # trl packs whole rows (best-fit decreasing) into sequences of max_length tokens, which packed_sequence_length
-        # made at least the longest row, and padding_free turns each micro-batch into one unpadded sequence.
-        max_length=pack_length,
-        packing=packing,
-        packing_strategy="bfd",
-        padding_free=packing,
-        use_liger_kernel=liger,
-        activation_offloading=cfg.activation_offloading and cuda,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def _schedule(cfg: TrainConfig, cuda: bool) -> dict:
+    """How long and how fast the run learns: steps or epochs, learning rate and its schedule, the optimizer."""
+    return {
+        "max_steps": cfg.max_steps,
+        "num_train_epochs": cfg.num_epochs,
+        "learning_rate": cfg.learning_rate,
+        "warmup_steps": cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "weight_decay": cfg.weight_decay,
+        "optim": cfg.optim if cfg.optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch"),
+    }
+
+
+def _batch_geometry(cfg: TrainConfig, pack_length: int | None) -> dict:
+    """Micro-batch, accumulation and packing: what one optimizer step sees."""
+    packing = pack_length is not None
+    return {
+        "per_device_train_batch_size": cfg.micro_batch_size,
+        "per_device_eval_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
+        "include_num_input_tokens_seen": "all" if packing else "non_padding",
+        # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
+        # trl packs whole rows (best-fit decreasing) into sequences of max_length tokens, which packed_sequence_length
+        # made at least the longest row, and padding_free turns each micro-batch into one unpadded sequence.
+        "max_length": pack_length,
+        "packing": packing,
+        "packing_strategy": "bfd",
+        "padding_free": packing,
+    }
+
+
+def _evaluation_and_checkpoints(cfg: TrainConfig) -> dict:
+    """When the run evaluates, logs and saves, and whether the best checkpoint ships (keep_best)."""
+    keep_best = bool(cfg.eval_every and cfg.keep_best)
+    return {
+        "eval_strategy": "steps" if cfg.eval_every else "no",
+        "eval_steps": cfg.eval_every or None,
+        # keep_best: the checkpoint with the lowest eval loss is loaded back at the end and shipped
+        "load_best_model_at_end": keep_best,
+        "metric_for_best_model": "eval_loss" if keep_best else None,
+        "greater_is_better": False if keep_best else None,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_every,
+        "save_total_limit": cfg.save_total_limit,
+        "logging_steps": cfg.logging_steps,
+        "logging_first_step": True,
+    }
+
+
+def _fast_path(cfg: TrainConfig, cuda: bool, dtype: torch.dtype, liger: bool) -> dict:
+    """The device and precision, and the switches that save memory or time (some CUDA only)."""
+    return {
+        "activation_checkpointing": cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "use_cpu": not cuda,
+        "use_liger_kernel": liger,
+        "activation_offloading": cfg.activation_offloading and cuda,
+    }
 
 
 def make_sft_trainer(
@@ -266,7 +287,7 @@ class ProgressLog(TrainerCallback):
             every = max(1, state.max_steps // self.console_lines)  # every step stays on the curve
             if state.global_step % every == 0 or state.global_step in (1, state.max_steps):
                 elapsed = max(time.perf_counter() - self.start, 1e-9)
-                rate = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / elapsed
+                rate = self.tokens_trained(state) / elapsed
                 done = max(state.global_step - self.steps_at_start, 1)
                 eta = elapsed / done * max(state.max_steps - state.global_step, 0)
                 filled = round(20 * state.global_step / max(state.max_steps, 1))
@@ -284,6 +305,29 @@ class ProgressLog(TrainerCallback):
         if "eval_loss" in logs:
             self.eval_curve.append((state.global_step, float(logs["eval_loss"])))
             logger.info("step %d  eval loss %.4f", state.global_step, logs["eval_loss"])
+
+    def tokens_trained(self, state) -> int:
+        """Input tokens seen since this run's training began (a resumed run counts only its own)."""
+        return state.num_input_tokens_seen - (self.tokens_at_start or 0)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the curve points past `step`: a retry from that step runs those steps again."""
+        self.loss_curve = [(s, v) for s, v in self.loss_curve if s <= step]
+        self.eval_curve = [(s, v) for s, v in self.eval_curve if s <= step]
+
+    @contextlib.contextmanager
+    def evals_off_the_curve(self):
+        """Evaluations logged inside the block stay off the eval curve (they still print)."""
+        kept = len(self.eval_curve)
+        try:
+            yield
+        finally:
+            del self.eval_curve[kept:]
+
+    def add_final_eval(self, step: int, loss: float) -> None:
+        """The eval curve's last point: `loss` at `step`, unless an evaluation during training already logged it."""
+        if not self.eval_curve or self.eval_curve[-1][0] != step:
+            self.eval_curve.append((step, float(loss)))
 
 
 def replay_kl(train_ds: Dataset, cfg: TrainConfig) -> ReplayKL | None:
@@ -344,6 +388,25 @@ def train_adapter(
         return _train_in(run_dir, train_ds, eval_ds, base, quant, lora, cfg, out_dir, callbacks)
 
 
+@dataclass(frozen=True)
+class Device:
+    """Where a run computes: on CUDA or the CPU, in which dtype, and on the CPU with which thread share."""
+
+    cuda: bool
+    dtype: torch.dtype
+    cpu_share: CpuShare | None  # None: on CUDA, or a fixed train.cpu_threads
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What training left: the trainer, its last train loss, the checkpoint it resumed from, its wall time."""
+
+    trainer: Any
+    last_loss: float
+    resumed_from: Path | None
+    seconds: float
+
+
 def _train_in(
     run_dir: Path,
     train_ds: Dataset,
@@ -355,33 +418,51 @@ def _train_in(
     out_dir: Path,
     callbacks: list | None,
 ) -> tuple[ModelFolder, TrainMetrics]:
-    """train_adapter's work, with the checkpoint folder held."""
+    """train_adapter's work, with the checkpoint folder held: check, set up, fit, evaluate what ships, save."""
     model = base.source
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
     check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
+    device = _setup_device(quant, cfg)
+    # Settings errors before the model loads: fail in seconds.
+    pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
+    liger = resolve_liger(cfg.use_liger_kernel, device.cuda)
+    tokenizer = models.load_tokenizer(model)
+    peft_model = _setup_model(model, quant, lora, cfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    args = _setup_args(cfg, run_dir, device, pack_length, liger)
+    progress = ProgressLog()
+    make_trainer = _trainer_factory(peft_model, train_ds, eval_ds, tokenizer, device, cfg, progress, callbacks)
+    fit = _fit(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
+    best_step = _best_step(fit.trainer, args)
+    final_eval = _evaluate_shipped(fit.trainer, eval_ds, progress, best_step)
+    save_adapter(peft_model, out_dir)
+    metrics = _train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
+    return ModelFolder(out_dir), metrics
 
+
+def _setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
+    """CUDA or the CPU, the compute dtype at its full precision, and torch's CPU threads; logs the compute settings."""
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
     pin_training_precision(dtype)
     # CPU: threads = the cores this process may use, then = the cores other processes leave free (CpuShare).
-    cpu_share = None
-    if not cuda and cfg.cpu_threads == "auto":
-        cpu_share = CpuShare(max_threads=pin_cpu_threads())
-    elif not cuda:
-        torch.set_num_threads(cfg.cpu_threads)
+    cpu_share = None if cuda else set_cpu_threads(cfg.cpu_threads)
     logger.info("compute settings: %s", compute_settings())
-    # Settings errors before the model loads: fail in seconds.
-    pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
-    liger = resolve_liger(cfg.use_liger_kernel, cuda)
-    tokenizer = models.load_tokenizer(model)
+    return Device(cuda=cuda, dtype=dtype, cpu_share=cpu_share)
+
+
+def _setup_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, cfg: TrainConfig):
+    """The 4-bit base with a new LoRA adapter on top, initialised from cfg.seed."""
     # The LoRA init draws from torch's global RNG before the trainer seeds it: seed here, or the same seed gives
     # a different adapter on every run (and a resumed run could never match an uninterrupted one).
     set_seed(cfg.seed)
-    peft_model = build_model(model, quant, lora, cfg.gradient_checkpointing)
-    trainable, total = peft_model.get_nb_trainable_parameters()
+    return build_model(model, quant, lora, cfg.gradient_checkpointing)
 
-    args = sft_args(cfg, run_dir, cuda=cuda, dtype=dtype, pack_length=pack_length, liger=liger)
+
+def _setup_args(cfg: TrainConfig, run_dir: Path, device: Device, pack_length: int | None, liger: bool):
+    """The run's SFTConfig (sft_args); logs the packed micro-batch's shape."""
+    args = sft_args(cfg, run_dir, cuda=device.cuda, dtype=device.dtype, pack_length=pack_length, liger=liger)
     if pack_length is not None:
         logger.info(
             "packing: %d packed sequences of up to %d tokens per micro-batch, x %d accumulation",
@@ -389,7 +470,21 @@ def _train_in(
             pack_length,
             cfg.grad_accum,
         )
-    progress = ProgressLog()
+    return args
+
+
+def _trainer_factory(
+    peft_model,
+    train_ds: Dataset,
+    eval_ds: Dataset,
+    tokenizer,
+    device: Device,
+    cfg: TrainConfig,
+    progress: ProgressLog,
+    callbacks: list | None,
+):
+    """make_trainer(args): a new SFTTrainer over the run's model and data for those args (the OOM retry makes one per
+    attempt, each with new callbacks)."""
     kl = replay_kl(train_ds, cfg)
 
     def make_trainer(train_args):
@@ -399,18 +494,30 @@ def _train_in(
             train_ds,
             eval_ds,
             tokenizer,
-            dtype,
+            device.dtype,
             labels_only_logits=cfg.labels_only_logits,
             kl=kl,
-            callbacks=[progress]
-            + ([CpuShareCallback(cpu_share)] if cpu_share else [])
-            + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else [])
-            + list(callbacks or []),
+            callbacks=_trainer_callbacks(progress, device, cfg, callbacks),
         )
 
+    return make_trainer
+
+
+def _trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, extra: list | None) -> list:
+    """The progress log, the CPU share, early stopping when set, and the caller's callbacks."""
+    return (
+        [progress]
+        + ([CpuShareCallback(device.cpu_share)] if device.cpu_share else [])
+        + ([EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else [])
+        + list(extra or [])
+    )
+
+
+def _fit(make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resume, progress, device: Device) -> Fit:
+    """Train to the end from `resume` (retrying smaller after CUDA OOM), or take a training that had already ended."""
     if resume:
         logger.info("resuming from %s", resume)
-    if cuda:
+    if device.cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with local_base_name(peft_model, model):
@@ -422,41 +529,64 @@ def _train_in(
         else:
             trainer, result, resume = train_with_oom_retry(make_trainer, args, peft_model, run_dir, resume, progress)
             last_loss = result.training_loss
-    seconds = time.perf_counter() - started
+    return Fit(trainer=trainer, last_loss=last_loss, resumed_from=resume, seconds=time.perf_counter() - started)
+
+
+def _best_step(trainer, args) -> int | None:
+    """The step of the checkpoint that ships with keep_best (the lowest eval loss); None without keep_best."""
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
-    best_step = int(Path(best).name.split("-")[-1]) if best else None
-    last_eval_step = progress.eval_curve[-1][0] if progress.eval_curve else None
-    evals = len(progress.eval_curve)
-    final_eval = trainer.evaluate()["eval_loss"] if len(eval_ds) else None  # of the shipped (best) weights
-    del progress.eval_curve[evals:]  # what evaluate() just logged: added below only when it is a new point
-    if final_eval is not None and best_step is None and last_eval_step != trainer.state.global_step:
-        progress.eval_curve.append((trainer.state.global_step, float(final_eval)))
+    return checkpoint_step(best) if best else None
+
+
+def _evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_step: int | None) -> float | None:
+    """The held-out loss of the weights that ship (None without held-out rows); the eval curve's last point when it
+    is the last step's and no evaluation during training logged it."""
+    final_eval = None
+    with progress.evals_off_the_curve():
+        if len(eval_ds):
+            final_eval = trainer.evaluate()["eval_loss"]  # of the shipped (best) weights
+    if final_eval is not None and best_step is None:
+        progress.add_final_eval(trainer.state.global_step, final_eval)
     if best_step is not None:
         logger.info("shipping the checkpoint of step %d: the lowest eval loss (%.4f)", best_step, final_eval)
+    return final_eval
 
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors in out_dir, without peft's empty model card."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # adapter_config.json + adapter_model.safetensors; the embeddings are not trained, and checking whether
-    # they were would look the base model up on the Hub
+    # The embeddings are not trained, and checking whether they were would look the base model up on the Hub.
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty card; push writes the real one
-    tokens = trainer.state.num_input_tokens_seen - progress.tokens_at_start if progress.tokens_at_start else None
-    tokens = tokens if tokens is not None else trainer.state.num_input_tokens_seen
-    metrics = TrainMetrics(
-        steps=trainer.state.global_step,
-        resumed_from_step=int(resume.name.split("-")[-1]) if resume else 0,
-        final_train_loss=float(progress.loss_curve[-1][1] if progress.loss_curve else last_loss),
+
+
+def _train_metrics(
+    fit: Fit,
+    progress: ProgressLog,
+    device: Device,
+    cfg: TrainConfig,
+    final_eval: float | None,
+    best_step: int | None,
+    params: tuple[int, int],
+) -> TrainMetrics:
+    """The run's TrainMetrics: steps, losses and curves, throughput, memory and the model's size."""
+    state = fit.trainer.state
+    tokens = progress.tokens_trained(state)
+    return TrainMetrics(
+        steps=state.global_step,
+        resumed_from_step=checkpoint_step(fit.resumed_from) if fit.resumed_from else 0,
+        final_train_loss=float(progress.loss_curve[-1][1] if progress.loss_curve else fit.last_loss),
         final_eval_loss=final_eval,
         train_tokens=int(tokens),
-        tokens_per_s=round(tokens / max(seconds, 1e-9), 2),
-        seconds=round(seconds, 2),
+        tokens_per_s=round(tokens / max(fit.seconds, 1e-9), 2),
+        seconds=round(fit.seconds, 2),
         peak_mem_bytes=peak_memory_bytes(),
-        trainable_params=int(trainable),
-        total_params=int(total),
-        compute_dtype=str(dtype).replace("torch.", ""),
-        device=torch.cuda.get_device_name() if cuda else "cpu",
+        trainable_params=int(params[0]),
+        total_params=int(params[1]),
+        compute_dtype=str(device.dtype).replace("torch.", ""),
+        device=torch.cuda.get_device_name() if device.cuda else "cpu",
         loss_curve=progress.loss_curve,
         eval_curve=progress.eval_curve,
         best_step=best_step,
-        stopped_early=bool(cfg.early_stopping_patience and trainer.state.global_step < trainer.state.max_steps),
+        stopped_early=bool(cfg.early_stopping_patience and state.global_step < state.max_steps),
     )
-    return ModelFolder(out_dir), metrics

@@ -299,8 +299,8 @@ def _push_inputs(merged_dir: str, adapter_dir: str) -> tuple[
 @pipeline(model=Model(name="push-step-test"), enable_cache=False)
 def _push_only(merged_dir: str, adapter_dir: str) -> None:
     merged, adapter, report, metrics = _push_inputs(merged_dir, adapter_dir)
-    push(merged, adapter, report, metrics, base=resolve_base(ModelSource()), lora=LoraSettings(), train=TrainConfig(),
-         push=PushConfig(repo_id="acme/tuned"))  # fmt: skip
+    push(merged, adapter, report, metrics, base=resolve_base(ModelSource()), lora=LoraSettings(), train_cfg=TrainConfig(),
+         push_cfg=PushConfig(repo_id="acme/tuned"))  # fmt: skip
     promote([report], promote_to="staging", after="push")
 
 

@@ -31,7 +31,7 @@ def test_num_processes_keeps_the_train_step_and_its_outputs(zenml_home, tmp_path
     pipeline.prepare(config=validate_config(_pipeline_config(tmp_path, tiny_model_dir, num_processes)))
     invocation = pipeline.invocations["train"]  # same invocation id either way: `steps: train:` settings apply
     assert invocation.step.resolve().import_path == "steps.train.train"
-    assert invocation.parameters["train"].num_processes == num_processes
+    assert invocation.parameters["train_cfg"].num_processes == num_processes
     # the same artifacts either way, so lineage and the later steps do not change
     assert set(invocation.step.entrypoint_definition.outputs) == {
         "{prefix}adapter{suffix}",
@@ -57,7 +57,7 @@ def test_train_step_runs_two_ddp_processes(tmp_path, tiny_source, tiny_splits, m
         base=resolve_base(tiny_source),
         quant=QuantConfig(),
         lora=LoraSettings(**TINY_LORA),
-        train=cfg,
+        train_cfg=cfg,
     )
     job = adapter.path.parent
     ranks = sorted(json.loads(f.read_text())["rank"] for f in job.glob("rank-*.json"))

@@ -18,19 +18,13 @@ from conftest import TINY_LORA, TINY_TRAIN
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import core.training.resources
+import core.training.disk
 import core.training.trainer
 from core.config import LoraSettings, QuantConfig, TrainConfig
 from core.training import train_adapter
 from core.training.checkpoints import latest_complete_checkpoint
-from core.training.resources import (
-    InsufficientDiskError,
-    TrainOutOfMemoryError,
-    check_disk_space,
-    count_parameters,
-    disk_needed,
-    smaller_micro_batch,
-)
+from core.training.disk import InsufficientDiskError, check_disk_space, count_parameters, disk_needed
+from core.training.oom import TrainOutOfMemoryError, smaller_micro_batch
 
 WORKER = Path(__file__).resolve().parents[1] / "support" / "train_worker.py"
 # Largest |resumed - uninterrupted| adapter weight allowed. Measured 0.0 on CPU, in or out of process: a resume
@@ -215,7 +209,7 @@ def test_too_little_disk_fails_before_training(tmp_path, tiny_source, tiny_split
         seen.append(Path(path))
         return shutil._ntuple_diskusage(total=10**12, used=10**12 - need["total"] + 1, free=need["total"] - 1)
 
-    monkeypatch.setattr(core.training.resources.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(core.training.disk.shutil, "disk_usage", disk_usage)
     built = []
     monkeypatch.setattr(core.training.trainer, "build_model", lambda *a, **k: built.append(1))
     train, held_out = tiny_splits
@@ -235,7 +229,7 @@ def test_exactly_enough_disk_passes(tmp_path, monkeypatch):
     need = disk_needed(1000, 10, save_total_limit=1)
     assert need["total"] == 2 * 120 + 2000
     monkeypatch.setattr(
-        core.training.resources.shutil,
+        core.training.disk.shutil,
         "disk_usage",
         lambda p: shutil._ntuple_diskusage(need["total"], 0, need["total"]),
     )

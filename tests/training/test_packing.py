@@ -14,8 +14,9 @@ import torch
 from conftest import TINY_LORA
 
 from core.config import LoraSettings, QuantConfig, TrainConfig
+from core.training.compute import resolve_liger
 from core.training.loss import IGNORE_INDEX, labels_only_loss, labels_only_trainer_class
-from core.training.resources import longest_row, packed_sequence_length, resolve_liger
+from core.training.packing import longest_row, packed_sequence_length
 from core.training.trainer import build_model, make_sft_trainer, sft_args
 
 LOSS_RTOL = 1e-5  # fp32 on CPU: packed and unpacked differ only in summation order

@@ -1,4 +1,5 @@
-"""core.training.resources: how many CPUs a training process may use, and the settings it runs with."""
+"""How many CPUs a training process may use (core.cpus, core.training.cpu_share), and the settings it runs with
+(core.training.compute)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import pytest
 import torch
 
-from core.training import resources
+from core import cpus
+from core.training import compute, cpu_share
 
 
 @pytest.mark.parametrize(
@@ -26,15 +28,15 @@ def test_usable_cpus_caps_the_affinity_mask_by_the_cgroup_quota(tmp_path, monkey
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert resources.usable_cpus(tmp_path) == (expected or 4)
+    assert cpus.usable_cpus(tmp_path) == (expected or 4)
 
 
 def test_pin_cpu_threads_lowers_torch_threads_to_the_usable_cpus(monkeypatch):
     before = torch.get_num_threads()
-    monkeypatch.setattr(resources, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 1)
     try:
         torch.set_num_threads(2)
-        assert resources.pin_cpu_threads() == 1 and torch.get_num_threads() == 1
+        assert cpu_share.pin_cpu_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -43,9 +45,9 @@ def test_fp32_training_pins_full_precision_matmuls():
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
-        resources.pin_training_precision(torch.float32)
+        compute.pin_training_precision(torch.float32)
         assert torch.get_float32_matmul_precision() == "highest"
-        settings = resources.compute_settings()
+        settings = compute.compute_settings()
         assert settings["float32_matmul_precision"] == "highest"
         assert {"cpu_flags", "bnb_cpu_inference_layout", "torch_threads", "usable_cpus"} <= set(settings)
     finally:
@@ -63,7 +65,7 @@ def test_cpu_share_gives_up_a_core_another_process_keeps_busy_and_takes_it_back(
 
     a, b = sorted(os.sched_getaffinity(0))[:2]
     before = torch.get_num_threads()
-    share = resources.CpuShare(max_threads=2, interval_s=1.0)
+    share = cpu_share.CpuShare(max_threads=2, interval_s=1.0)
     share.cpus = {a, b}  # watch two CPUs; the other process spins on one of them
     share.others_busy()  # start the window now
     spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{b}}})\nwhile True: pass"])
