@@ -7,6 +7,18 @@ from __future__ import annotations
 
 from zenml.client import Client
 
+from core.artifact_names import (
+    ADAPTER,
+    EVAL_REPORT,
+    MERGED_MODEL,
+    MIXED_TRAIN_DATASET,
+    PROMOTION,
+    PUSH_RESULT,
+    SWEEP_TABLE,
+    TRAIN_METRICS,
+    UPLOAD_BUNDLE,
+)
+
 
 def candidates(run) -> list[str]:
     """The run's candidates by step suffix: "" for a single run, the task names, or the sweep points, in run order."""
@@ -59,7 +71,7 @@ def mixture_lines(steps) -> list[str]:
     for name, step in steps.items():
         if not name.startswith("mix_data"):
             continue
-        meta = step.outputs["mixed_train_dataset"][0].run_metadata
+        meta = step.outputs[MIXED_TRAIN_DATASET][0].run_metadata
         drawn = ", ".join(f"{v['rows']} {k}" for k, v in (meta.get("sources") or {}).items())
         lines.append(f"  {name}: {meta.get('rows')} training rows = {meta.get('task_rows')} task + {drawn}")
     return lines
@@ -80,22 +92,22 @@ def summarize(run) -> str:
         if several:
             lines.append(f"{'task' if 'summarize_tasks' in steps else 'sweep point'} {name}:")
         suffix = f"_{name}" if name else ""
-        if m := named_output(steps, f"train{suffix}", "train_metrics"):
+        if m := named_output(steps, f"train{suffix}", TRAIN_METRICS):
             lines += train_lines(m)
-        if r := named_output(steps, f"evaluate{suffix}", "eval_report"):
+        if r := named_output(steps, f"evaluate{suffix}", EVAL_REPORT):
             lines += evaluate_lines(r)
-    if art := output("select_best", "sweep_table"):
+    if art := output("select_best", SWEEP_TABLE):
         lines.append(f"  sweep: {art.load().best} went on to merge and push")
-    for step, name in (("merge", "merged_model"), ("push", "upload_bundle"), ("train", "adapter")):
+    for step, name in (("merge", MERGED_MODEL), ("push", UPLOAD_BUNDLE), ("train", ADAPTER)):
         if art := output(step, name):
             lines.append(f"  {name}: {art.uri}")
-    if art := output("push", "push_result"):
+    if art := output("push", PUSH_RESULT):
         p = art.load()
         lines.append(
             f"  push ({p.mode}): {len(p.files)} files, {p.total_bytes / 1e6:.1f} MB"
             + (f", commit {p.commit_url}" if p.commit_url else "")
         )
-    if art := output("promote", "promotion"):
+    if art := output("promote", PROMOTION):
         p = art.load()
         lines.append(f"  promotion: {p.stage or 'not promoted'} ({p.reason})")
     if run.model_version:

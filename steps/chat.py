@@ -14,6 +14,7 @@ from typing import Annotated
 from zenml import get_step_context, step
 from zenml.logger import get_logger
 
+from core.artifact_names import ADAPTER_NAME, ANSWER, COMPLETION_TOKENS, PROMPT_TOKENS
 from core.runs.caching import step_cache_policy
 from core.serving.model import ServedModel, ServeLoadError, answer
 
@@ -35,10 +36,10 @@ def served_model_from_context() -> ServedModel:
 def chat(
     prompt: str, adapter: str = "", max_new_tokens: int = 128, temperature: float = 0.0
 ) -> tuple[
-    Annotated[str, "answer"],
-    Annotated[str, "adapter_name"],  # not "adapter": that name is the training artifact
-    Annotated[int, "prompt_tokens"],
-    Annotated[int, "completion_tokens"],
+    Annotated[str, ANSWER],
+    Annotated[str, ADAPTER_NAME],  # not "adapter": that name is the training artifact
+    Annotated[int, PROMPT_TOKENS],
+    Annotated[int, COMPLETION_TOKENS],
 ]:
     served = served_model_from_context()
     out = answer(served, prompt, adapter, max_new_tokens, temperature)

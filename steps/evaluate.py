@@ -13,6 +13,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
+from core.artifact_names import EVAL_REPORT, per_candidate
 from core.artifacts import ModelFolder, dataset_content_hash
 from core.config import Candidate, EvalConfig
 from core.evaluation.scoring import evaluate_adapter
@@ -33,7 +34,7 @@ def evaluate(
     eval_cfg: EvalConfig,
     candidate: Candidate = Candidate(),
     general_dataset: Dataset | None = None,
-) -> Annotated[EvalReport, "{prefix}eval_report{suffix}"]:
+) -> Annotated[EvalReport, per_candidate(EVAL_REPORT)]:
     quiet_libraries()
     model_name, stage = registry.current_model_name(), eval_cfg.gate.compare_with_stage
     reference = None
@@ -72,7 +73,7 @@ def evaluate(
     tracking.log_evaluation(report, candidate)  # MLflow, when tracked
     evaluation = registry.evaluation_summary(report)
     who = {candidate.kind: candidate.name} if candidate.name else {}
-    log_metadata(metadata={**who, **evaluation}, artifact_name=candidate.artifact("eval_report"), infer_artifact=True)
+    log_metadata(metadata={**who, **evaluation}, artifact_name=candidate.artifact(EVAL_REPORT), infer_artifact=True)
     if candidate.kind == "task" and (adapter_id := registry.input_artifact_id("adapter")) is not None:
         log_metadata(metadata={"evaluation": evaluation}, artifact_version_id=adapter_id)  # scores on the adapter
     elif candidate.kind == "single":

@@ -16,6 +16,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
+from core.artifact_names import GGUF_MODEL
 from core.artifacts import ModelFolder, scratch_dir
 from core.config import ExportConfig
 from core.export.gguf import default_name, export_model
@@ -34,7 +35,7 @@ def export_gguf(
     base: BaseModelRef,
     export: ExportConfig,
     system_prompt: str | None = None,
-) -> Annotated[ModelFolder, "gguf_model"]:
+) -> Annotated[ModelFolder, GGUF_MODEL]:
     quiet_libraries()
     name = export.name or registry.current_model_name() or default_name(base)
     head = eval_dataset.select(range(min(len(eval_dataset), max(export.check_rows, export.perplexity_rows))))
@@ -51,5 +52,5 @@ def export_gguf(
         prompts=prompts,
     )
     logger.info("GGUF export: %s", info)
-    log_metadata(metadata=info, artifact_name="gguf_model", infer_artifact=True)
+    log_metadata(metadata=info, artifact_name=GGUF_MODEL, infer_artifact=True)
     return folder

@@ -11,6 +11,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
+from core.artifact_names import EVAL_DATASET, TRAIN_DATASET
 from core.config import PromptConfig
 from core.data.formatting import format_dataset, token_stats
 from core.models import BaseModelRef
@@ -22,11 +23,11 @@ logger = get_logger(__name__)
 @step(cache_policy=step_cache_policy(__name__))
 def format_prompts(
     clean_dataset: Dataset, base: BaseModelRef, prompt: PromptConfig
-) -> tuple[Annotated[Dataset, "train_dataset"], Annotated[Dataset, "eval_dataset"]]:
+) -> tuple[Annotated[Dataset, TRAIN_DATASET], Annotated[Dataset, EVAL_DATASET]]:
     """`base` carries the base model's identity, which keys the cache to the exact tokenizer files."""
     tokenizer = models.load_tokenizer(base)
     train, held_out, counts = format_dataset(clean_dataset, tokenizer, prompt)
-    for name, ds in (("train_dataset", train), ("eval_dataset", held_out)):
+    for name, ds in ((TRAIN_DATASET, train), (EVAL_DATASET, held_out)):
         stats = token_stats(ds) | counts
         logger.info("%s: %s", name, stats)
         log_metadata(metadata=stats, artifact_name=name, infer_artifact=True)

@@ -11,6 +11,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
+from core.artifact_names import SOURCE_DATASET
 from core.config import PromptConfig
 from core.data.formatting import format_source as format_rows
 from core.data.formatting import token_stats
@@ -23,9 +24,9 @@ logger = get_logger(__name__)
 @step(cache_policy=step_cache_policy(__name__))
 def format_source(
     clean_dataset: Dataset, base: BaseModelRef, prompt: PromptConfig, name: str
-) -> Annotated[Dataset, "source_dataset"]:
+) -> Annotated[Dataset, SOURCE_DATASET]:
     rows = format_rows(clean_dataset, models.load_tokenizer(base), prompt, name)
     stats = token_stats(rows) | {"source": name, "dropped_overlong": len(clean_dataset) - len(rows)}
     logger.info("mix source %s: %s", name, stats)
-    log_metadata(metadata=stats, artifact_name="source_dataset", infer_artifact=True)
+    log_metadata(metadata=stats, artifact_name=SOURCE_DATASET, infer_artifact=True)
     return rows

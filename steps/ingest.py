@@ -10,6 +10,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the dataset materializer)
+from core.artifact_names import RAW_DATASET
 from core.config import DataSource
 from core.data.ingest import load_rows
 from core.runs.caching import step_cache_policy
@@ -18,7 +19,7 @@ logger = get_logger(__name__)
 
 
 @step(cache_policy=step_cache_policy(__name__))
-def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, "raw_dataset"]:
+def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, RAW_DATASET]:
     """Read and map the configured data; `fingerprint` (core.data.ingest.source_fingerprint) only keys the cache:
     ZenML's cache key sees parameters, not the files they point at."""
     ds = load_rows(data)
@@ -31,7 +32,7 @@ def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, "raw_datase
             "source": f"{data.source}:{data.path}",
             "fingerprint": fingerprint,
         },
-        artifact_name="raw_dataset",
+        artifact_name=RAW_DATASET,
         infer_artifact=True,
     )
     return ds

@@ -11,6 +11,7 @@ from zenml.logger import get_logger
 
 import materializers  # noqa: F401
 from core import models
+from core.artifact_names import GENERAL_DATASET
 from core.config import DataSource, PromptConfig
 from core.data.formatting import format_probe, token_stats
 from core.data.ingest import load_rows
@@ -23,11 +24,11 @@ logger = get_logger(__name__)
 @step(cache_policy=step_cache_policy(__name__))
 def load_probe(
     general: DataSource, fingerprint: str, base: BaseModelRef, prompt: PromptConfig
-) -> Annotated[Dataset, "general_dataset"]:
+) -> Annotated[Dataset, GENERAL_DATASET]:
     """`fingerprint` (core.data.ingest.source_fingerprint) keys the cache to the probe file's bytes; `base` to the
     tokenizer's files; `prompt` to the template and system prompt the run's own rows use."""
     probe = format_probe(load_rows(general), models.load_tokenizer(base), prompt)
     stats = token_stats(probe) | {"source": f"{general.source}:{general.path}", "fingerprint": fingerprint}
     logger.info("general-ability probe: %s", stats)
-    log_metadata(metadata=stats, artifact_name="general_dataset", infer_artifact=True)
+    log_metadata(metadata=stats, artifact_name=GENERAL_DATASET, infer_artifact=True)
     return probe

@@ -16,6 +16,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
+from core.artifact_names import MERGED_MODEL
 from core.artifacts import ModelFolder, scratch_dir
 from core.config import MergeConfig
 from core.evaluation.gate import enforce_gate
@@ -31,10 +32,10 @@ logger = get_logger(__name__)
 @step(cache_policy=step_cache_policy(__name__))
 def merge(
     adapter: ModelFolder, eval_report: EvalReport, eval_dataset: Dataset, base: BaseModelRef, merge_cfg: MergeConfig
-) -> Annotated[ModelFolder, "merged_model"]:
+) -> Annotated[ModelFolder, MERGED_MODEL]:
     quiet_libraries()
     enforce_gate(eval_report)
     folder, info = merge_adapter(adapter, base, merge_cfg, eval_dataset, scratch_dir("merged-") / "model")
     logger.info("merged model: %s", info)
-    log_metadata(metadata=info, artifact_name="merged_model", infer_artifact=True)
+    log_metadata(metadata=info, artifact_name=MERGED_MODEL, infer_artifact=True)
     return folder

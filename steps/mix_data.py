@@ -10,6 +10,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
+from core.artifact_names import MIXED_TRAIN_DATASET
 from core.data.formatting import token_stats
 from core.data.mixing import Share, check_disjoint, mix
 from core.runs.caching import step_cache_policy
@@ -25,7 +26,7 @@ def mix_data(
     shares: list[dict[str, Any]],
     seed: int,
     general_dataset: Dataset | None = None,
-) -> Annotated[Dataset, "mixed_train_dataset"]:
+) -> Annotated[Dataset, MIXED_TRAIN_DATASET]:
     """`shares[i]` is {name, ratio} or {name, rows} for `sources[i]`; `seed` draws the rows."""
     protected = {"held-out split": eval_dataset} | ({"probe": general_dataset} if general_dataset is not None else {})
     for share, rows in zip(shares, sources):
@@ -42,5 +43,5 @@ def mix_data(
         ", ".join(f"{v['rows']} {k}" for k, v in record["sources"].items()),
         seed,
     )
-    log_metadata(metadata=record | token_stats(mixed), artifact_name="mixed_train_dataset", infer_artifact=True)
+    log_metadata(metadata=record | token_stats(mixed), artifact_name=MIXED_TRAIN_DATASET, infer_artifact=True)
     return mixed

@@ -19,6 +19,7 @@ from zenml import get_step_context, log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
+from core.artifact_names import MODEL_HISTORY, PROMOTION
 from core.evaluation.gate import may_promote
 from core.reports import EvalReport, ModelHistory, Promotion
 from core.runs import registry, tracking
@@ -30,7 +31,7 @@ logger = get_logger(__name__)
 @step(enable_cache=False, cache_policy=step_cache_policy(__name__))
 def promote(
     eval_reports: list[EvalReport], promote_to: str | None = None, run_token: str = ""
-) -> tuple[Annotated[Promotion, "promotion"], Annotated[ModelHistory, "model_history"]]:
+) -> tuple[Annotated[Promotion, PROMOTION], Annotated[ModelHistory, MODEL_HISTORY]]:
     model_name = registry.current_model_name()
     carried = registry.carry_over_results("eval_reports")
     tracking.replay_cached(get_step_context().pipeline_run.id)  # a tracked stack gets what cached steps computed

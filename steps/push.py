@@ -11,6 +11,7 @@ from typing import Annotated
 from zenml import get_step_context, step
 
 import materializers  # noqa: F401  (registers the project's materializers)
+from core.artifact_names import PUSH_RESULT, UPLOAD_BUNDLE
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, PushConfig, TrainConfig
 from core.hub import push_model
@@ -31,7 +32,7 @@ def push(
     lora: LoraSettings,
     train_cfg: TrainConfig,
     push_cfg: PushConfig,
-) -> tuple[Annotated[ModelFolder, "upload_bundle"], Annotated[PushResult, "push_result"]]:
+) -> tuple[Annotated[ModelFolder, UPLOAD_BUNDLE], Annotated[PushResult, PUSH_RESULT]]:
     """Build the Hub upload folder (and upload it in hub mode); record what went where on the model version."""
     bundle, result = push_model(
         merged_model,

@@ -14,6 +14,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401  (registers the folder, dataset and report materializers)
+from core.artifact_names import ADAPTER, EVAL_REPORT, LORA_SETTINGS, SWEEP_TABLE, TRAIN_METRICS, TRAIN_SETTINGS
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, TrainConfig
 from core.reports import EvalReport, TrainMetrics
@@ -34,19 +35,19 @@ def select_best(
     loras: list[LoraSettings],
     trains: list[TrainConfig],
 ) -> tuple[
-    Annotated[ModelFolder, "adapter"],
-    Annotated[EvalReport, "eval_report"],
-    Annotated[TrainMetrics, "train_metrics"],
-    Annotated[LoraSettings, "lora_settings"],
-    Annotated[TrainConfig, "train_settings"],
-    Annotated[SweepTable, "sweep_table"],
+    Annotated[ModelFolder, ADAPTER],
+    Annotated[EvalReport, EVAL_REPORT],
+    Annotated[TrainMetrics, TRAIN_METRICS],
+    Annotated[LoraSettings, LORA_SETTINGS],
+    Annotated[TrainConfig, TRAIN_SETTINGS],
+    Annotated[SweepTable, SWEEP_TABLE],
 ]:
     """Every list is in the order of `points`."""
     i, table = best_point(points, values, eval_reports, train_metrics)
     logger.info("sweep: best of %d points is %s (eval loss %.4f)", len(points), points[i], table.rows[i].eval_loss)
     summary = train_metrics[i].summary()
-    log_metadata(metadata={"sweep_point": points[i], **summary}, artifact_name="adapter", infer_artifact=True)
-    log_metadata(metadata={"best": points[i], "points": len(points)}, artifact_name="sweep_table", infer_artifact=True)
+    log_metadata(metadata={"sweep_point": points[i], **summary}, artifact_name=ADAPTER, infer_artifact=True)
+    log_metadata(metadata={"best": points[i], "points": len(points)}, artifact_name=SWEEP_TABLE, infer_artifact=True)
     # on the model version as a single run's train and evaluate steps record them, plus the sweep
     sweep = {"best": points[i], "select_by": SELECT_BY}
     sweep["points"] = {r.point: {**r.values, "eval_loss": r.eval_loss} for r in table.rows}

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from zenml import step
 
 import materializers  # noqa: F401  (registers the report materializer)
+from core.artifact_names import TASK_SUMMARY
 from core.evaluation.gate import enforce_gate
 from core.reports import EvalReport, TrainMetrics
 from core.runs import registry
@@ -23,7 +24,7 @@ def summarize_tasks(
     train_metrics: list[TrainMetrics],
     tasks: list[str],
     loras: list[dict[str, Any]],
-) -> Annotated[TaskSummary, "task_summary"]:
+) -> Annotated[TaskSummary, TASK_SUMMARY]:
     """`eval_reports`, `train_metrics` and `loras` are in the order of `tasks`."""
     summary = summarize(tasks, loras, eval_reports, train_metrics)
     per_task = {

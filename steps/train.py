@@ -16,6 +16,7 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 import materializers  # noqa: F401
+from core.artifact_names import ADAPTER, TRAIN_METRICS, per_candidate
 from core.artifacts import ModelFolder, scratch_dir
 from core.config import Candidate, LoraSettings, QuantConfig, TrainConfig
 from core.logs import quiet_libraries
@@ -38,7 +39,7 @@ def train(
     lora: LoraSettings,
     train_cfg: TrainConfig,
     candidate: Candidate = Candidate(),
-) -> tuple[Annotated[ModelFolder, "{prefix}adapter{suffix}"], Annotated[TrainMetrics, "{prefix}train_metrics{suffix}"]]:
+) -> tuple[Annotated[ModelFolder, per_candidate(ADAPTER)], Annotated[TrainMetrics, per_candidate(TRAIN_METRICS)]]:
     quiet_libraries()
     out = scratch_dir("adapter-")
     if train_cfg.num_processes > 1:
@@ -54,11 +55,11 @@ def train(
         summary["num_processes"] = train_cfg.num_processes
     logger.info("%s done: %s", candidate.label, json.dumps(summary))
     who = {candidate.kind: candidate.name} if candidate.name else {}
-    log_metadata(metadata={**who, **summary}, artifact_name=candidate.artifact("train_metrics"), infer_artifact=True)
+    log_metadata(metadata={**who, **summary}, artifact_name=candidate.artifact(TRAIN_METRICS), infer_artifact=True)
     if candidate.kind == "task":  # the adapter artifact carries its own settings (serving reads them)
         log_metadata(
             metadata={**who, "lora": lora.model_dump(mode="json"), "training": summary},
-            artifact_name=candidate.artifact("adapter"),
+            artifact_name=candidate.artifact(ADAPTER),
             infer_artifact=True,
         )
     elif candidate.kind == "single":  # tasks and sweep points are recorded by summarize_tasks / select_best

@@ -56,20 +56,7 @@ def synthesize(
     started = time.perf_counter()
     answers = generate_finished(model, tokenizer, rendered, max_new_tokens, batch_size)
     seconds = time.perf_counter() - started
-    by_id = dict(zip(prompts["id"], prompts["messages"]))
-    rows: dict[str, list] = {"id": [], "split": [], "messages": []}
-    cut = unfinished = empty = 0
-    for row_id, (answer, finished) in zip(rendered["id"], answers):
-        if not finished:
-            answer = whole_sentences(answer)
-            cut += bool(answer)
-            unfinished += not answer
-        if not answer:
-            empty += finished
-        else:
-            rows["id"].append(row_id)
-            rows["split"].append("")
-            rows["messages"].append(with_answer(by_id[row_id], answer))
+    rows, counts = _answered_rows(prompts, rendered["id"], answers)
     if not rows["id"]:
         raise ValueError(
             f"train.replay: the base model wrote no whole sentence in any of its {len(rendered)} answers within "
@@ -78,9 +65,7 @@ def synthesize(
     stats = {
         "prompts": len(prompts),
         "rows": len(rows["id"]),
-        "cut_to_whole_sentences": cut,
-        "dropped_unfinished": unfinished,
-        "dropped_empty": empty,
+        **counts,
         "dropped_overlong_prompt": len(prompts) - len(rendered),
         "written_by": models.display_name(base),
         "base_identity": base.identity,
@@ -99,7 +84,26 @@ def synthesize(
         len(prompts),
         seconds,
         max_new_tokens,
-        cut,
-        unfinished,
+        counts["cut_to_whole_sentences"],
+        counts["dropped_unfinished"],
     )
     return Dataset.from_dict(rows, features=RAW_FEATURES), stats
+
+
+def _answered_rows(prompts: Dataset, ids: list[str], answers: list[tuple[str, bool]]) -> tuple[dict, dict[str, int]]:
+    """The canonical rows with the base's answers (unfinished ones cut to whole sentences); what was cut or dropped."""
+    by_id = dict(zip(prompts["id"], prompts["messages"]))
+    rows: dict[str, list] = {"id": [], "split": [], "messages": []}
+    cut = unfinished = empty = 0
+    for row_id, (answer, finished) in zip(ids, answers):
+        if not finished:
+            answer = whole_sentences(answer)
+            cut += bool(answer)
+            unfinished += not answer
+        if not answer:
+            empty += finished
+        else:
+            rows["id"].append(row_id)
+            rows["split"].append("")
+            rows["messages"].append(with_answer(by_id[row_id], answer))
+    return rows, {"cut_to_whole_sentences": cut, "dropped_unfinished": unfinished, "dropped_empty": empty}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
@@ -174,6 +175,21 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
 
     Every frame's index is the dataset's row position, except `turns`, whose `row` column holds it.
     """
+    schema = _schema_expectations()
+    if any(c not in ds.column_names for c in REQUIRED_COLUMNS):
+        # Nothing to derive from: check only the schema, over a frame with the dataset's shape.
+        return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
+    rows, turns = flatten(ds)
+    eval_rows, on_eval, train_prompts = _leakage_check(rows)
+    return {
+        "rows": (rows, schema + _row_expectations(cfg), {}),
+        "turns": (turns, _turn_expectations(), {}),
+        "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
+    }
+
+
+def _schema_expectations() -> list[Any]:
+    """The canonical columns exist and there is at least one row."""
     # GE is imported here, not at the top: it takes seconds, and the pipeline imports every step to compile.
     import great_expectations.expectations as gxe
 
@@ -181,13 +197,15 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
         gxe.ExpectColumnToExist(column=c, meta=guards("the canonical schema ingest writes")) for c in REQUIRED_COLUMNS
     ]
     schema.append(gxe.ExpectTableRowCountToBeBetween(min_value=1, meta=guards("an empty dataset")))
-    if any(c not in ds.column_names for c in REQUIRED_COLUMNS):
-        # Nothing to derive from: check only the schema, over a frame with the dataset's shape.
-        return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
+    return schema
 
-    rows, turns = flatten(ds)
+
+def _row_expectations(cfg: ValidationConfig) -> list[Any]:
+    """Per example: named, assigned a split, a conversation that ends in an answer, sane lengths, no duplicates."""
+    import great_expectations.expectations as gxe
+
     lengths = {"min_value": cfg.min_chars, "max_value": cfg.max_chars}
-    on_rows = schema + [
+    return [
         gxe.ExpectColumnValuesToNotBeNull(column="id", meta=guards("rows that errors could not name")),
         gxe.ExpectColumnValuesToNotBeNull(column="split", meta=guards("rows with no train/eval assignment")),
         gxe.ExpectColumnValuesToBeInSet(
@@ -204,7 +222,13 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
         ),
         gxe.ExpectColumnValuesToBeUnique(column="messages", meta=guards("the same conversation trained twice")),
     ]
-    on_turns = [
+
+
+def _turn_expectations() -> list[Any]:
+    """Per message: text that is there, not blank, not binary junk or mojibake, from a role the template knows."""
+    import great_expectations.expectations as gxe
+
+    return [
         gxe.ExpectColumnValuesToNotBeNull(column="messages.content", meta=guards("a turn with no text")),
         gxe.ExpectColumnValuesToMatchRegex(
             column="messages.content", regex=NOT_BLANK, meta=guards("a turn that is empty or only whitespace")
@@ -223,6 +247,12 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
             column="messages.role", value_set=list(ROLES), meta=guards("a role the chat template cannot render")
         ),
     ]
+
+
+def _leakage_check(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[Any], list[str]]:
+    """The eval rows, the expectation that none of their prompts is trained on, and the train prompts it needs."""
+    import great_expectations.expectations as gxe
+
     # Leakage: an eval prompt that is also trained on makes eval loss and ROUGE look better than they are.
     # Its own run over the eval rows, with the train prompts as a suite parameter: GE copies an expectation's
     # kwargs many times per run (about 7 s for 45k train prompts), so keep the big set out of the other suites.
@@ -235,11 +265,7 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
     on_eval = [
         gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "train_prompts"}, meta=leakage)
     ]
-    return {
-        "rows": (rows, on_rows, {}),
-        "turns": (turns, on_turns, {}),
-        "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
-    }
+    return eval_rows, on_eval, train_prompts
 
 
 def run_checks(checks: dict[str, Check]) -> dict[str, list[Any]]:
@@ -288,69 +314,114 @@ def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, Valid
     and under either policy when a failure cannot be fixed by dropping rows or drop would leave no rows.
     """
     checks = build_checks(ds, cfg)
-    ge_results = run_checks(checks)
-    rows = checks["rows"][0]
+    found = read_results(checks, run_checks(checks), cfg.max_examples)
+    report = ValidationReport(
+        policy=cfg.policy,
+        rows_in=len(ds),
+        rows_out=len(ds),
+        results=found.results,
+        ge_version=version("great-expectations"),
+    )
+    if not found.messages:
+        return ds, report
+    if cfg.policy == "fail" or found.unfixable:
+        why = "cannot be fixed by dropping rows" if found.unfixable else "set validation.policy: drop to remove them"
+        raise DataValidationError(
+            f"Data validation failed ({why}): {len(found.messages)} of {len(found.results)} expectations failed "
+            f"on {len(ds)} rows:\n  - " + "\n  - ".join(found.messages)
+        )
+    drop = rows_to_drop(found.offending, checks["rows"][0])
+    if len(drop) == len(ds):
+        raise DataValidationError(
+            f"Data validation dropped every one of the {len(ds)} rows:\n  - " + "\n  - ".join(found.messages)
+        )
+    report.rows_out = len(ds) - len(drop)
+    logger.warning("validate: dropped %d of %d rows:\n  - %s", len(drop), len(ds), "\n  - ".join(found.messages))
+    return ds.select([p for p in range(len(ds)) if p not in drop]), report
 
-    results: list[ExpectationResult] = []
-    offending: list[tuple[ExpectationResult, list[int]]] = []  # failed row-level results, row positions
-    unfixable: list[ExpectationResult] = []
-    messages: list[str] = []
+
+@dataclass
+class Findings:
+    """GE's results read back: one ExpectationResult per expectation, and what failed, by row or beyond rows."""
+
+    results: list[ExpectationResult] = field(default_factory=list)
+    offending: list[tuple[ExpectationResult, list[int]]] = field(default_factory=list)  # failed, row positions
+    unfixable: list[ExpectationResult] = field(default_factory=list)  # failed with no row to blame
+    messages: list[str] = field(default_factory=list)  # one line per failure, for the error or the warning
+
+
+def read_results(checks: dict[str, Check], ge_results: dict[str, list[Any]], max_examples: int) -> Findings:
+    """Every expectation's result; for each failure, the rows it blames and a message quoting a few of them."""
+    found = Findings()
+    rows = checks["rows"][0]
     for unit, frame_results in ge_results.items():
         frame = checks[unit][0]
         for res in frame_results:
-            config = res.expectation_config
-            column = config.kwargs.get("column") or ""
-            detail = res.result or {}
-            item = ExpectationResult(
-                expectation=config.type,
-                column=column,
-                unit=unit,
-                success=bool(res.success),
-                element_count=detail.get("element_count") or 0,
-                unexpected_count=detail.get("unexpected_count") or 0,
-                error=(res.exception_info or {}).get("exception_message") or "",
-                parameters=(config.meta or {}).get("parameters") or parameters(config.kwargs),
-                guards=(config.meta or {}).get("guards", ""),
-            )
-            results.append(item)
+            item = _expectation_result(res, unit)
+            found.results.append(item)
             if item.success:
                 continue
+            detail = res.result or {}
             index = detail.get("unexpected_index_list")
             if not index:  # table-level (schema, row count) or an evaluation error: no row to blame
-                unfixable.append(item)
-                what = item.error or ("column missing" if column else f"observed {detail.get('observed_value')}")
-                messages.append(f"{item.expectation}{f' on {column!r}' if column else ''}: {what}")
+                found.unfixable.append(item)
+                what = item.error or ("column missing" if item.column else f"observed {detail.get('observed_value')}")
+                found.messages.append(f"{item.expectation}{f' on {item.column!r}' if item.column else ''}: {what}")
                 continue
             positions = frame["row"].loc[index].tolist() if unit == "turns" else list(index)
-            offending.append((item, positions))
-            first: dict[int, int] = {}  # row position -> its first offending value's index (one per row)
-            for p, i in zip(positions, index, strict=True):
-                first.setdefault(p, i)
-            shown = list(first.items())[: cfg.max_examples]
-            item.example_ids = [str(rows["id"].iloc[p]) for p, _ in shown]
-            examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[column].loc[i])}" for p, i in shown)
-            more = len(first) - len(shown)
-            # what a failure usually means, where the expectation's name does not say (see MOJIBAKE_HINT)
-            hint = (config.meta or {}).get("hint")
-            messages.append(
-                f"{item.expectation} on {column!r}: {item.unexpected_count} of {item.element_count} {unit}, "
-                f"e.g. {examples}{f' (+{more} more rows)' if more > 0 else ''}{f'; {hint}' if hint else ''}"
-            )
+            found.offending.append((item, positions))
+            hint = (res.expectation_config.meta or {}).get("hint")
+            found.messages.append(_row_failure(item, frame, rows, positions, index, max_examples, hint))
+    return found
 
-    report = ValidationReport(
-        policy=cfg.policy, rows_in=len(ds), rows_out=len(ds), results=results, ge_version=version("great-expectations")
+
+def _expectation_result(res: Any, unit: str) -> ExpectationResult:
+    """One GE result as the report's row: counts in `unit`, GE's error if any, parameters and what it guards."""
+    config = res.expectation_config
+    detail = res.result or {}
+    return ExpectationResult(
+        expectation=config.type,
+        column=config.kwargs.get("column") or "",
+        unit=unit,
+        success=bool(res.success),
+        element_count=detail.get("element_count") or 0,
+        unexpected_count=detail.get("unexpected_count") or 0,
+        error=(res.exception_info or {}).get("exception_message") or "",
+        parameters=(config.meta or {}).get("parameters") or parameters(config.kwargs),
+        guards=(config.meta or {}).get("guards", ""),
     )
-    if not messages:
-        return ds, report
-    if cfg.policy == "fail" or unfixable:
-        why = "cannot be fixed by dropping rows" if unfixable else "set validation.policy: drop to remove them"
-        raise DataValidationError(
-            f"Data validation failed ({why}): {len(messages)} of {len(results)} expectations failed "
-            f"on {len(ds)} rows:\n  - " + "\n  - ".join(messages)
-        )
 
-    # policy drop: rows failing any other expectation first, then duplicates among the rows that remain,
-    # so that the first *surviving* occurrence of a duplicated conversation is the one kept.
+
+def _row_failure(
+    item: ExpectationResult,
+    frame: pd.DataFrame,
+    rows: pd.DataFrame,
+    positions: list[int],
+    index: list[int],
+    max_examples: int,
+    hint: str | None,
+) -> str:
+    """A failure's message, quoting its first offending rows (by id and value); sets the item's example_ids."""
+    first: dict[int, int] = {}  # row position -> its first offending value's index (one per row)
+    for p, i in zip(positions, index, strict=True):
+        first.setdefault(p, i)
+    shown = list(first.items())[:max_examples]
+    item.example_ids = [str(rows["id"].iloc[p]) for p, _ in shown]
+    examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[item.column].loc[i])}" for p, i in shown)
+    more = len(first) - len(shown)
+    # what a failure usually means, where the expectation's name does not say (see MOJIBAKE_HINT)
+    return (
+        f"{item.expectation} on {item.column!r}: {item.unexpected_count} of {item.element_count} {item.unit}, "
+        f"e.g. {examples}{f' (+{more} more rows)' if more > 0 else ''}{f'; {hint}' if hint else ''}"
+    )
+
+
+def rows_to_drop(offending: list[tuple[ExpectationResult, list[int]]], rows: pd.DataFrame) -> set[int]:
+    """Policy drop's rows, counted per expectation (item.dropped): duplicates last, keeping each first survivor.
+
+    Rows failing any other expectation go first, then duplicates among the rows that remain, so that the first
+    *surviving* occurrence of a duplicated conversation is the one kept.
+    """
     drop: set[int] = set()
     duplicates = []
     for item, positions in offending:
@@ -369,10 +440,4 @@ def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, Valid
             seen.add(value)
         item.dropped = len(removed)
         drop |= removed
-    if len(drop) == len(ds):
-        raise DataValidationError(
-            f"Data validation dropped every one of the {len(ds)} rows:\n  - " + "\n  - ".join(messages)
-        )
-    report.rows_out = len(ds) - len(drop)
-    logger.warning("validate: dropped %d of %d rows:\n  - %s", len(drop), len(ds), "\n  - ".join(messages))
-    return ds.select([p for p in range(len(ds)) if p not in drop]), report
+    return drop

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,6 @@ def write_gguf(
 ) -> dict:
     """Write `model_dir` (a merged HF Llama folder) as one f16 GGUF file. Atomic: a temp file renamed at the end."""
     import gguf
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -322,58 +322,18 @@ def write_gguf(
     _tokenizer_json(model_dir)  # fail on an unsupported tokenizer before reading any weights
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     plan = plan_tensors(model_dir, cfg)
-
     n_params = sum(int(np.prod(shape)) for _, _, _, shape in plan)
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    rope = cfg.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    vocab_size = cfg["vocab_size"]
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.partial")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
-        writer.add_basename(name)
-        writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
-        if license:
-            writer.add_license(license)
-        if base_model:
-            writer.add_base_model_count(1)
-            writer.add_base_model_name(0, base_model)
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
-                writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
-        writer.add_block_count(cfg["num_hidden_layers"])
-        writer.add_context_length(cfg["max_position_embeddings"])
-        writer.add_embedding_length(hidden)
-        writer.add_feed_forward_length(cfg["intermediate_size"])
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-        writer.add_rope_freq_base(float(rope_theta))
-        writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_vocab_size(vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != hidden // heads:  # llama.cpp reads the per-head width from these when it differs
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        tok_info = write_tokenizer(writer, model_dir, tokenizer, vocab_size)
+        _add_general(writer, name, n_params, base_model, license)
+        _add_hyperparameters(writer, cfg)
+        tok_info = write_tokenizer(writer, model_dir, tokenizer, cfg["vocab_size"])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        for gguf_name, _, _, shape in plan:
-            dtype = _gguf_dtype(shape, gguf_name)
-            writer.add_tensor_info(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        # one tensor in memory at a time: an 8B model never needs a second 16 GB copy
-        with ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in {p[2] for p in plan}}
-            for gguf_name, hf_name, file, _ in plan:
-                writer.write_tensor_data(_convert(handles[file].get_tensor(hf_name), gguf_name, hf_name, cfg))
+        _write_tensors(writer, plan, cfg)
         writer.close()
         os.replace(tmp, out_file)
     except BaseException:
@@ -388,6 +348,64 @@ def write_gguf(
         "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "tokenizer": tok_info,
     }
+
+
+def _add_general(writer, name: str, n_params: int, base_model: str | None, license: str | None) -> None:
+    """GGUF's general.* keys: the model's name and size, its license and the base model it came from."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_basename(name)
+    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    if license:
+        writer.add_license(license)
+    if base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
+
+
+def _add_hyperparameters(writer, cfg: dict) -> None:
+    """The llama.* keys llama.cpp builds the model from: layers, widths, heads, RoPE, norm epsilon, vocabulary."""
+    import gguf
+
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    rope = cfg.get("rope_parameters") or {}
+    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // heads:  # llama.cpp reads the per-head width from these when it differs
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _write_tensors(writer, plan: list[tuple[str, str, Path, tuple[int, ...]]], cfg: dict) -> None:
+    """The header, the metadata and the tensor index, then every tensor converted, one in memory at a time."""
+    from safetensors import safe_open
+
+    for gguf_name, _, _, shape in plan:
+        dtype = _gguf_dtype(shape, gguf_name)
+        writer.add_tensor_info(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    # one tensor in memory at a time: an 8B model never needs a second 16 GB copy
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in {p[2] for p in plan}}
+        for gguf_name, hf_name, file, _ in plan:
+            writer.write_tensor_data(_convert(handles[file].get_tensor(hf_name), gguf_name, hf_name, cfg))
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -612,66 +630,20 @@ def export_llamacpp(
     """llama.cpp converts (f16) and quantizes; llama.cpp loads each file, which must answer the eval prompts like
     the merged model (f16: token for token) and stay within cfg.max_perplexity_ratio of its perplexity on `rows`.
     Returns ({type: file}, info). On any failure every file written here is deleted."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from core.cpus import usable_cpus
-    from core.export import llamacpp
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        f16 = llamacpp.convert(model_dir, out_dir / gguf_file_name(name, "f16"), name)
-        written.append(f16)
-        files = {"f16": f16}
-        for kind in cfg.types:
-            if kind != "f16":
-                files[kind] = llamacpp.quantize(f16, out_dir / gguf_file_name(name, kind), kind, usable_cpus())
-                written.append(files[kind])
-
-        # the reference: the merged model in transformers
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dtype, placement = _load_dtype_device()
-        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).eval()
-        eos_ids = models.end_of_turn_ids(ref, tokenizer)
-        want = hf_greedy_ids(ref, prompts, cfg.answer_tokens, eos_ids)
-        ref_ppl = llamacpp.perplexity_hf(ref, rows)
-        del ref
-
-        info: dict = {"converter": "llama.cpp convert_hf_to_gguf.py", "merged_perplexity": round(ref_ppl, 4)}
-        n_ctx = max(len(r) for r in rows + [p + [0] * cfg.answer_tokens for p in prompts]) + 8
+        files = _convert_and_quantize(model_dir, out_dir, name, cfg.types, written)
+        reference = _merged_reference(model_dir, prompts, rows, cfg.answer_tokens)
+        info: dict = {"converter": "llama.cpp convert_hf_to_gguf.py", "merged_perplexity": round(reference.ppl, 4)}
         failures = []
         for kind in ["f16", *[k for k in cfg.types if k != "f16"]]:
-            llm = llamacpp.load(files[kind], n_ctx, threads=usable_cpus())
-            got = [llamacpp.greedy_ids(llm, p, cfg.answer_tokens, eos_ids) for p in prompts]
-            ppl = llamacpp.perplexity_llama(llm, rows)
-            del llm
-            same = sum(g == w for g, w in zip(got, want))
-            ratio = ppl / ref_ppl
-            bound = cfg.max_perplexity_ratio.get(kind)
-            info[kind] = {
-                "file": files[kind].name,
-                "bytes": files[kind].stat().st_size,
-                "perplexity": round(ppl, 4),
-                "perplexity_ratio": round(ratio, 4),
-                "max_perplexity_ratio": bound,
-                "same_greedy_answers": f"{same}/{len(prompts)}",
-            }
-            logger.info("GGUF %s: perplexity %.4f (%.4fx the merged model's), %d/%d greedy answers the same",
-                        kind, ppl, ratio, same, len(prompts))  # fmt: skip
-            if bound is not None and not ratio <= bound:
-                failures.append(f"{kind}: perplexity {ppl:.4f} is {ratio:.4f}x the merged model's {ref_ppl:.4f} "
-                                f"(export.max_perplexity_ratio.{kind}={bound})")  # fmt: skip
-            if kind == "f16" and same != len(prompts):
-                bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
-                failures.append(
-                    f"f16: llama.cpp's greedy answer to eval prompt {bad} differs from the merged model's: "
-                    f"{tokenizer.decode(got[bad])!r} vs {tokenizer.decode(want[bad])!r}"
-                )
+            info[kind] = _check_in_llamacpp(kind, files[kind], prompts, rows, cfg, reference, failures)
         if failures:
             raise GGUFMismatchError("GGUF files checked in llama.cpp; not keeping them: " + "; ".join(failures))
         if "f16" not in cfg.types:  # made only to quantize from
-            f16.unlink()
+            files["f16"].unlink()
             del files["f16"]
         info["types"] = list(cfg.types)
         return files, info
@@ -679,6 +651,93 @@ def export_llamacpp(
         for f in written:
             f.unlink(missing_ok=True)
         raise
+
+
+def _convert_and_quantize(model_dir: Path, out_dir: Path, name: str, types, written: list[Path]) -> dict[str, Path]:
+    """llama.cpp's f16 conversion, then each quantized type from it; every file is noted in `written` at once."""
+    from core.export import llamacpp
+    from core.cpus import usable_cpus
+
+    f16 = llamacpp.convert(model_dir, out_dir / gguf_file_name(name, "f16"), name)
+    written.append(f16)
+    files = {"f16": f16}
+    for kind in types:
+        if kind != "f16":
+            files[kind] = llamacpp.quantize(f16, out_dir / gguf_file_name(name, kind), kind, usable_cpus())
+            written.append(files[kind])
+    return files
+
+
+@dataclass
+class _Reference:
+    """What the merged model in transformers does: the answers and perplexity each GGUF file is held to."""
+
+    tokenizer: object
+    eos_ids: set[int]
+    answers: list[list[int]]  # greedy answer ids per eval prompt
+    ppl: float  # perplexity on the eval rows
+
+
+def _merged_reference(
+    model_dir: Path, prompts: list[list[int]], rows: list[list[int]], answer_tokens: int
+) -> _Reference:
+    """The merged model's greedy answers and perplexity in transformers, the model dropped afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.export import llamacpp
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype, placement = _load_dtype_device()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **placement).eval()
+    eos_ids = models.end_of_turn_ids(ref, tokenizer)
+    want = hf_greedy_ids(ref, prompts, answer_tokens, eos_ids)
+    ref_ppl = llamacpp.perplexity_hf(ref, rows)
+    del ref
+    return _Reference(tokenizer, eos_ids, want, ref_ppl)
+
+
+def _check_in_llamacpp(
+    kind: str,
+    file: Path,
+    prompts: list[list[int]],
+    rows: list[list[int]],
+    cfg: ExportConfig,
+    reference: _Reference,
+    failures: list[str],
+) -> dict:
+    """One GGUF file loaded in llama.cpp against the reference: its record; what fails is appended to `failures`."""
+    from core.export import llamacpp
+    from core.cpus import usable_cpus
+
+    n_ctx = max(len(r) for r in rows + [p + [0] * cfg.answer_tokens for p in prompts]) + 8
+    llm = llamacpp.load(file, n_ctx, threads=usable_cpus())
+    got = [llamacpp.greedy_ids(llm, p, cfg.answer_tokens, reference.eos_ids) for p in prompts]
+    ppl = llamacpp.perplexity_llama(llm, rows)
+    del llm
+    want, ref_ppl = reference.answers, reference.ppl
+    same = sum(g == w for g, w in zip(got, want))
+    ratio = ppl / ref_ppl
+    bound = cfg.max_perplexity_ratio.get(kind)
+    logger.info("GGUF %s: perplexity %.4f (%.4fx the merged model's), %d/%d greedy answers the same",
+                kind, ppl, ratio, same, len(prompts))  # fmt: skip
+    if bound is not None and not ratio <= bound:
+        failures.append(f"{kind}: perplexity {ppl:.4f} is {ratio:.4f}x the merged model's {ref_ppl:.4f} "
+                        f"(export.max_perplexity_ratio.{kind}={bound})")  # fmt: skip
+    if kind == "f16" and same != len(prompts):
+        bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        tokenizer = reference.tokenizer
+        failures.append(
+            f"f16: llama.cpp's greedy answer to eval prompt {bad} differs from the merged model's: "
+            f"{tokenizer.decode(got[bad])!r} vs {tokenizer.decode(want[bad])!r}"
+        )
+    return {
+        "file": file.name,
+        "bytes": file.stat().st_size,
+        "perplexity": round(ppl, 4),
+        "perplexity_ratio": round(ratio, 4),
+        "max_perplexity_ratio": bound,
+        "same_greedy_answers": f"{same}/{len(prompts)}",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ whole

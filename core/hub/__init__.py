@@ -12,7 +12,7 @@ from core.artifacts import ModelFolder, scratch_dir
 from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.hub.bundle import build_bundle, uploadable, weights_dtype
 from core.hub.card import build_model_card, is_hub_id
-from core.hub.publish import PushError, publish_bundle, resolve_token
+from core.hub.publish import Published, PushError, publish_bundle, resolve_token
 from core.models import BaseModelRef, display_name
 from core.reports import EvalReport, PushResult, TrainMetrics
 
@@ -35,17 +35,8 @@ def push_model(
     out_dir: str | Path | None = None,
 ) -> tuple[ModelFolder, PushResult]:
     """Build the upload folder and, in hub mode, upload it. Returns the folder and a PushResult."""
-    token = None
-    if push.mode == "hub":
-        # Before any work: a missing token should fail fast, not after building the bundle.
-        token = resolve_token(push)
-        if not token:
-            raise PushError(
-                f"push.mode is 'hub' but no Hugging Face token was found: create a ZenML secret "
-                f"'{push.token_secret or 'huggingface'}' with key 'token' "
-                f"(zenml secret create {push.token_secret or 'huggingface'} --token=...), or set HF_TOKEN. "
-                "Use push.mode: dry_run to build the upload folder without uploading."
-            )
+    # Before any work: a missing token should fail fast, not after building the bundle.
+    token = _require_token(push) if push.mode == "hub" else None
     card = build_model_card(
         model=model,
         lora=lora,
@@ -66,7 +57,6 @@ def push_model(
     )
     files = uploadable(bundle.path)
     total = sum((bundle.path / f).stat().st_size for f in files)
-    listing = "\n".join(f"  {f} ({(bundle.path / f).stat().st_size:,} B)" for f in files)
     result = PushResult(mode=push.mode, repo_id=push.repo_id, files=files, total_bytes=total)
     if push.mode == "dry_run":
         logger.info(
@@ -74,14 +64,39 @@ def push_model(
             len(files),
             total / 1e6,
             push.repo_id or "<push.repo_id>",
-            listing,
+            _listing(bundle, files),
         )
         return bundle, result
-    logger.info("Uploading %d files (%.1f MB) to %s:\n%s", len(files), total / 1e6, push.repo_id, listing)
+    logger.info(
+        "Uploading %d files (%.1f MB) to %s:\n%s", len(files), total / 1e6, push.repo_id, _listing(bundle, files)
+    )
     message = f"ZenML run {run_id}: {display_name(model)} + LoRA r={lora.r}" if run_id else "Upload from ZenML"
     published = publish_bundle(bundle, push, token, message, run_id=run_id)
     logger.info("Pushed to %s (%s).", published.pr_url or published.commit_url, published.revision)
-    return bundle, result.model_copy(
+    return bundle, _with_commit(result, published)
+
+
+def _require_token(push: PushConfig) -> str:
+    """The Hub token for hub mode; PushError saying where to put one when there is none."""
+    token = resolve_token(push)
+    if not token:
+        raise PushError(
+            f"push.mode is 'hub' but no Hugging Face token was found: create a ZenML secret "
+            f"'{push.token_secret or 'huggingface'}' with key 'token' "
+            f"(zenml secret create {push.token_secret or 'huggingface'} --token=...), or set HF_TOKEN. "
+            "Use push.mode: dry_run to build the upload folder without uploading."
+        )
+    return token
+
+
+def _listing(bundle: ModelFolder, files: list[str]) -> str:
+    """The upload folder's files with their sizes, one indented line each, for the log."""
+    return "\n".join(f"  {f} ({(bundle.path / f).stat().st_size:,} B)" for f in files)
+
+
+def _with_commit(result: PushResult, published: Published) -> PushResult:
+    """The PushResult with where the upload landed: commit, revision, pull request."""
+    return result.model_copy(
         update={
             "commit_url": published.commit_url,
             "commit_oid": published.commit_oid,

@@ -79,11 +79,12 @@ model = PeftModel.from_pretrained(base, "{{ repo_id }}", subfolder="adapter")
 
 
 def cell(value: object) -> str:
-    # Markdown table cells: a pipe or newline would break the row.
+    """A value as a Markdown table cell: a pipe or newline would break the row."""
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _score_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
+    """The "Evaluation" table: each metric for base, fine-tuned, the change, and the stage compared with if any."""
     columns = ["base", "fine-tuned", "change vs base"]
     reference = report.reference if report.reference is not None and report.reference_name != "base" else None
     if reference is not None:
@@ -133,13 +134,54 @@ def build_model_card(
     base_name = display_name(model)
     repo_id = push.repo_id or "<your-org>/<repo>"
     model_name = repo_id.split("/")[-1]
-    dataset_id = push.dataset_name or "custom"
+    columns, score_rows = _score_table(eval_report)
+    return ModelCard.from_template(
+        _card_data(model, push, eval_report, model_name),
+        template_str=CARD_TEMPLATE,
+        title=model_name,
+        base_name=base_name,
+        method="QLoRA with DoRA" if lora.use_dora else "QLoRA",
+        merged_dtype=merged_dtype,
+        push_adapter=push.push_adapter,
+        repo_id=repo_id,
+        eval_rows=eval_report.eval_rows,
+        eval_hash=eval_report.eval_dataset_hash,
+        score_columns=columns,
+        score_rows=score_rows,
+        reference_name=eval_report.reference_name,
+        gate="passed" if eval_report.gate_passed else "failed",
+        gate_messages=[cell(m) for m in eval_report.gate_messages],
+        lora_rows=[[cell(c) for c in row] for row in _lora_rows(lora)],
+        train_rows=[[cell(c) for c in row] for row in _train_rows(train, train_metrics)],
+        run_id=run_id or "n/a (not run by ZenML)",
+    )
+
+
+def _card_data(
+    model: ModelSource | BaseModelRef, push: PushConfig, eval_report: EvalReport, model_name: str
+) -> ModelCardData:
+    """The card's YAML header: what the Hub indexes (base model, license, tags, datasets, eval results)."""
+    return ModelCardData(
+        base_model=display_name(model) if is_hub_id(model) else None,
+        library_name="transformers",
+        license=push.license,
+        tags=list(push.tags),
+        datasets=[push.dataset_name] if push.dataset_name else None,
+        pipeline_tag="text-generation",
+        metrics=sorted({metric_type for metric_type, _, _ in METRICS.values()}),
+        model_name=model_name,
+        eval_results=_eval_results(push, eval_report),
+    )
+
+
+def _eval_results(push: PushConfig, eval_report: EvalReport) -> list[EvalResult]:
+    """The fine-tuned model's scores as model-index entries: the Hub shows them on the model page."""
     scores: ModelScores = eval_report.tuned
-    eval_results = [
+    return [
         EvalResult(
             task_type="text-generation",
             task_name="Text Generation",
-            dataset_type=dataset_id,
+            dataset_type=push.dataset_name or "custom",
             dataset_name=push.dataset_name or f"held-out split ({eval_report.eval_rows} rows)",
             dataset_split="eval",
             metric_type=metric_type,
@@ -148,23 +190,15 @@ def build_model_card(
         )
         for field, (metric_type, pretty, digits) in METRICS.items()
     ]
-    card_data = ModelCardData(
-        base_model=base_name if is_hub_id(model) else None,
-        library_name="transformers",
-        license=push.license,
-        tags=list(push.tags),
-        datasets=[push.dataset_name] if push.dataset_name else None,
-        pipeline_tag="text-generation",
-        metrics=sorted({metric_type for metric_type, _, _ in METRICS.values()}),
-        model_name=model_name,
-        eval_results=eval_results,
-    )
-    columns, score_rows = _score_table(eval_report)
+
+
+def _lora_rows(lora: LoraSettings) -> list[list[object]]:
+    """The "LoRA settings" section: rank, alpha and the scale they make, dropout, targets, variants."""
     scale = (
         f"alpha/sqrt(r) = {lora.alpha / lora.r**0.5:.3g}" if lora.use_rslora else f"alpha/r = {lora.alpha / lora.r:.3g}"
     )
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
-    lora_rows = [
+    return [
         ["rank r", lora.r],
         ["alpha", lora.alpha],
         ["scale", scale],
@@ -173,8 +207,11 @@ def build_model_card(
         ["DoRA", lora.use_dora],
         ["rsLoRA", lora.use_rslora],
     ]
-    tm = train_metrics
-    train_rows = [
+
+
+def _train_rows(train: TrainConfig, tm: TrainMetrics) -> list[list[object]]:
+    """The "Training" section: the settings trained with, then what the run measured."""
+    return [
         ["optimizer steps", tm.steps],
         ["max steps / epochs", f"{train.max_steps} / {train.num_epochs}"],
         ["learning rate", train.learning_rate],
@@ -193,23 +230,3 @@ def build_model_card(
         ["wall time (s)", f"{tm.seconds:.1f}"],
         ["device / compute dtype", f"{tm.device} / {tm.compute_dtype}"],
     ]
-    return ModelCard.from_template(
-        card_data,
-        template_str=CARD_TEMPLATE,
-        title=model_name,
-        base_name=base_name,
-        method="QLoRA with DoRA" if lora.use_dora else "QLoRA",
-        merged_dtype=merged_dtype,
-        push_adapter=push.push_adapter,
-        repo_id=repo_id,
-        eval_rows=eval_report.eval_rows,
-        eval_hash=eval_report.eval_dataset_hash,
-        score_columns=columns,
-        score_rows=score_rows,
-        reference_name=eval_report.reference_name,
-        gate="passed" if eval_report.gate_passed else "failed",
-        gate_messages=[cell(m) for m in eval_report.gate_messages],
-        lora_rows=[[cell(c) for c in row] for row in lora_rows],
-        train_rows=[[cell(c) for c in row] for row in train_rows],
-        run_id=run_id or "n/a (not run by ZenML)",
-    )

@@ -161,6 +161,25 @@ class Published:
     pr_url: str | None = None
 
 
+@dataclass
+class _Publish:
+    """One publish in progress: what its stages share, and how far it got (for the error message)."""
+
+    api: HfApi
+    push: PushConfig
+    token: str | None
+    folder: Path
+    files: list[str]
+    repo_id: str
+    base: str | None = None  # main's head commit before anything was uploaded
+    candidate: str | None = None  # the candidate branch, once named
+    stage: str = "creating the repo"
+
+    def retry(self, what: str, call, already_done=None):
+        """call(), retried on transient Hub errors (with_retries with this push's settings)."""
+        return with_retries(what, call, self.push, self.token, already_done)
+
+
 def publish_bundle(
     bundle: ModelFolder, push: PushConfig, token: str, commit_message: str, run_id: str | None = None
 ) -> Published:
@@ -177,108 +196,138 @@ def publish_bundle(
     Errors come back as PushError, the token masked, saying what main looks like afterwards.
     """
     api = HfApi(endpoint=push.endpoint, token=token)
-    files = uploadable(bundle.path)
-    repo_id, base, candidate, stage = push.repo_id, None, None, "creating the repo"
-
-    def retry(what, call, already_done=None):
-        return with_retries(what, call, push, token, already_done)
-
-    def landed() -> Published | None:
-        # After a lost answer: did our commit reach main? main moved and matches the folder -> it did.
-        head = api.repo_info(repo_id, revision="main").sha
-        if head == base:
-            return None
-        problems = remote_problems(api, repo_id, "main", bundle.path, files)
-        if problems:
-            raise PushError(
-                f"main moved while publishing (someone else pushed? main is now at {head[:8]}); this upload was "
-                f"not published: {'; '.join(problems[:5])}"
-            )
-        return Published(f"{api.endpoint}/{repo_id}/commit/{head}", head, "main")
-
+    job = _Publish(api, push, token, bundle.path, uploadable(bundle.path), push.repo_id)
     try:
-        # private only applies when the repo is created; an existing repo keeps its visibility.
-        repo_id = retry(
-            "create repo", lambda: api.create_repo(push.repo_id, private=push.private, exist_ok=True)
-        ).repo_id
-        base = retry("read main", lambda: api.repo_info(repo_id, revision="main")).sha
-        candidate = f"candidate/{(run_id or 'manual')[:8]}-{secrets.token_hex(4)}"
-        stage = f"creating branch {candidate}"
-        # exist_ok: a retry after a lost answer finds the branch it made (the random suffix rules out anyone else's)
-        retry(stage, lambda: api.create_branch(repo_id, branch=candidate, revision=base, exist_ok=True))
-        stage = f"uploading to {candidate}"
-        logger.info("Uploading %d files to branch %s of %s (main stays at %s).", len(files), candidate, repo_id, base)
-        retry(
-            stage,
-            # operations are built per attempt: a committed CommitOperationAdd cannot be reused, and after a lost
-            # answer the files already there are skipped (unchanged hash) and nothing is left to delete
-            lambda: api.create_commit(
-                repo_id,
-                operations=[CommitOperationAdd(rel, bundle.path / rel) for rel in files]
-                + _stale(api, repo_id, candidate, files),
-                commit_message=f"{commit_message} (candidate)",
-                revision=candidate,
-            ),
-        )
-        stage = f"verifying {candidate}"
-        problems = remote_problems(api, repo_id, candidate, bundle.path, files)  # listing: retried by the library
-        if problems:
-            raise PushError(f"branch {candidate} does not match the upload folder: {'; '.join(problems[:10])}")
-        logger.info("Verified branch %s: all %d files match the upload folder in size and hash.", candidate, len(files))
-
-        def copy_ops() -> list:  # onto main: server-side copies from the verified branch, main's stale files deleted
-            copies = [CommitOperationCopy(rel, rel, src_revision=candidate) for rel in files]
-            return copies + _stale(api, repo_id, "main", files)
-
-        if push.publish == "pr":
-            stage = "opening a pull request"
-            # A lost answer here may leave a second, identical pull request: harmless, and visible.
-            info = retry(
-                stage,
-                lambda: api.create_commit(
-                    repo_id, operations=copy_ops(), commit_message=commit_message, create_pr=True
-                ),
-            )
-            # no pull request when main already holds exactly this content (nothing to commit)
-            done = Published(info.commit_url, info.oid, info.pr_revision or "main", info.pr_url)
-        else:
-            stage = "publishing to main"
-            try:
-                info = retry(
-                    stage,
-                    lambda: api.create_commit(
-                        repo_id,
-                        operations=copy_ops(),
-                        commit_message=commit_message,
-                        revision="main",
-                        parent_commit=base,
-                    ),
-                    already_done=landed,
-                )
-            except HfHubHTTPError as err:
-                if _status(err) != 412:  # 412: main's head is no longer `base`
-                    raise
-                info = landed()
-                if info is None:
-                    raise
-            done = info if isinstance(info, Published) else Published(info.commit_url, info.oid, "main")
-        stage = f"verifying {done.revision}"
-        problems = remote_problems(api, repo_id, done.revision, bundle.path, files)
-        if problems:
-            raise PushError(f"{done.revision} does not match the upload folder: {'; '.join(problems[:10])}")
+        _open_repo(job)
+        _upload_candidate(job, commit_message, run_id)
+        _verify_candidate(job)
+        publish = _open_pull_request if push.publish == "pr" else _publish_to_main
+        done = publish(job, commit_message)
+        _verify(job, done.revision, what=done.revision)
     except Exception as err:
-        if candidate is not None:
-            _delete_candidate(api, repo_id, candidate, push, token)
-        where = f" while {stage}" if stage else ""
-        message = err.args[0] if isinstance(err, PushError) else _describe(err, token)
-        raise PushError(
-            f"push to Hub repo '{push.repo_id}' failed{where}: {mask_secrets(message, token)}; "
-            f"{_main_state(api, repo_id, base, token)}",
-            status_code=_status(err),
-        ) from None  # from None: the original exception's text may hold the token (e.g. echoed by a proxy)
-    logger.info("Published %s to %s of %s (commit %s).", candidate, done.revision, repo_id, done.commit_oid)
-    _delete_candidate(api, repo_id, candidate, push, token)
+        if job.candidate is not None:
+            _delete_candidate(api, job.repo_id, job.candidate, push, token)
+        # from None: the original exception's text may hold the token (e.g. echoed by a proxy)
+        raise _failed(job, err) from None
+    logger.info("Published %s to %s of %s (commit %s).", job.candidate, done.revision, job.repo_id, done.commit_oid)
+    _delete_candidate(api, job.repo_id, job.candidate, push, token)
     return done
+
+
+def _open_repo(job: _Publish) -> None:
+    """Create the repo if it is new (push.private applies only then) and note main's head: the publish's parent."""
+    job.repo_id = job.retry(
+        "create repo", lambda: job.api.create_repo(job.push.repo_id, private=job.push.private, exist_ok=True)
+    ).repo_id
+    job.base = job.retry("read main", lambda: job.api.repo_info(job.repo_id, revision="main")).sha
+
+
+def _upload_candidate(job: _Publish, commit_message: str, run_id: str | None) -> None:
+    """Branch candidate/<run>-<random> from main's head and commit the whole folder to it, main's extras deleted."""
+    job.candidate = candidate = f"candidate/{(run_id or 'manual')[:8]}-{secrets.token_hex(4)}"
+    api, repo_id, files = job.api, job.repo_id, job.files
+    job.stage = f"creating branch {candidate}"
+    # exist_ok: a retry after a lost answer finds the branch it made (the random suffix rules out anyone else's)
+    job.retry(job.stage, lambda: api.create_branch(repo_id, branch=candidate, revision=job.base, exist_ok=True))
+    job.stage = f"uploading to {candidate}"
+    logger.info("Uploading %d files to branch %s of %s (main stays at %s).", len(files), candidate, repo_id, job.base)
+    job.retry(
+        job.stage,
+        # operations are built per attempt: a committed CommitOperationAdd cannot be reused, and after a lost
+        # answer the files already there are skipped (unchanged hash) and nothing is left to delete
+        lambda: api.create_commit(
+            repo_id,
+            operations=[CommitOperationAdd(rel, job.folder / rel) for rel in files]
+            + _stale(api, repo_id, candidate, files),
+            commit_message=f"{commit_message} (candidate)",
+            revision=candidate,
+        ),
+    )
+
+
+def _verify_candidate(job: _Publish) -> None:
+    """Step 3: the candidate branch must match the folder file for file before anything reaches main."""
+    _verify(job, job.candidate, what=f"branch {job.candidate}")
+    logger.info(
+        "Verified branch %s: all %d files match the upload folder in size and hash.", job.candidate, len(job.files)
+    )
+
+
+def _verify(job: _Publish, revision: str, what: str) -> None:
+    """PushError unless `revision` holds exactly the upload folder (sizes and hashes from the Hub's listing)."""
+    job.stage = f"verifying {revision}"
+    problems = remote_problems(job.api, job.repo_id, revision, job.folder, job.files)  # listing: retried by the library
+    if problems:
+        raise PushError(f"{what} does not match the upload folder: {'; '.join(problems[:10])}")
+
+
+def _copy_ops(job: _Publish) -> list:
+    """Onto main: server-side copies from the verified branch, main's stale files deleted."""
+    copies = [CommitOperationCopy(rel, rel, src_revision=job.candidate) for rel in job.files]
+    return copies + _stale(job.api, job.repo_id, "main", job.files)
+
+
+def _open_pull_request(job: _Publish, commit_message: str) -> Published:
+    """push.publish: pr: the candidate's files as one pull request on main (none when main already holds them)."""
+    job.stage = "opening a pull request"
+    # A lost answer here may leave a second, identical pull request: harmless, and visible.
+    info = job.retry(
+        job.stage,
+        lambda: job.api.create_commit(
+            job.repo_id, operations=_copy_ops(job), commit_message=commit_message, create_pr=True
+        ),
+    )
+    # no pull request when main already holds exactly this content (nothing to commit)
+    return Published(info.commit_url, info.oid, info.pr_revision or "main", info.pr_url)
+
+
+def _publish_to_main(job: _Publish, commit_message: str) -> Published:
+    """push.publish: main: one commit of the candidate's files whose parent is main's noted head (no overwrite)."""
+    job.stage = "publishing to main"
+    try:
+        info = job.retry(
+            job.stage,
+            lambda: job.api.create_commit(
+                job.repo_id,
+                operations=_copy_ops(job),
+                commit_message=commit_message,
+                revision="main",
+                parent_commit=job.base,
+            ),
+            already_done=lambda: _landed(job),
+        )
+    except HfHubHTTPError as err:
+        if _status(err) != 412:  # 412: main's head is no longer `base`
+            raise
+        info = _landed(job)
+        if info is None:
+            raise
+    return info if isinstance(info, Published) else Published(info.commit_url, info.oid, "main")
+
+
+def _landed(job: _Publish) -> Published | None:
+    """After a lost answer: did our commit reach main? main moved and matches the folder -> it did."""
+    head = job.api.repo_info(job.repo_id, revision="main").sha
+    if head == job.base:
+        return None
+    problems = remote_problems(job.api, job.repo_id, "main", job.folder, job.files)
+    if problems:
+        raise PushError(
+            f"main moved while publishing (someone else pushed? main is now at {head[:8]}); this upload was "
+            f"not published: {'; '.join(problems[:5])}"
+        )
+    return Published(f"{job.api.endpoint}/{job.repo_id}/commit/{head}", head, "main")
+
+
+def _failed(job: _Publish, err: Exception) -> PushError:
+    """The PushError for a failed publish: the stage it failed in, the cause with the token masked, main's state."""
+    where = f" while {job.stage}" if job.stage else ""
+    message = err.args[0] if isinstance(err, PushError) else _describe(err, job.token)
+    return PushError(
+        f"push to Hub repo '{job.push.repo_id}' failed{where}: {mask_secrets(message, job.token)}; "
+        f"{_main_state(job.api, job.repo_id, job.base, job.token)}",
+        status_code=_status(err),
+    )
 
 
 def _delete_candidate(api: HfApi, repo_id: str, candidate: str, push: PushConfig, token: str | None) -> None:

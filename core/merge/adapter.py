@@ -64,6 +64,7 @@ def _release() -> None:
 
 
 def _adapter_logits(model: ModelSource, adapter: ModelFolder, dtype, batches, pad_id) -> list[torch.Tensor]:
+    """Logits of base+adapter (unmerged, in the merge dtype): what the merged model must reproduce."""
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(models.load_base(model, quant=None, dtype=dtype), str(adapter.path)).eval()
@@ -93,15 +94,12 @@ def merge_adapter(
     adapter: ModelFolder, model: ModelSource, cfg: MergeConfig, check_ds: Dataset, out_dir: Path, batch_size: int = 4
 ) -> tuple[ModelFolder, dict]:
     """Merge, verify logits, move into `out_dir`. Returns the folder and what was recorded about it."""
-    from peft import PeftModel
-
     dtype = getattr(torch, cfg.dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"merge output folder {out_dir} already exists and is not empty")
     tokenizer = models.load_tokenizer(model)
-    rows = list(check_ds.select(range(min(len(check_ds), cfg.check_batches * batch_size)))["input_ids"])
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    rows, batches = _check_batches(check_ds, cfg.check_batches, batch_size)
     pad_id = tokenizer.pad_token_id
 
     start = time.perf_counter()
@@ -112,36 +110,10 @@ def merge_adapter(
     staged = work / "model"
     try:
         if method == "streamed":
-            stats = merge_stream.stream_merge(
-                plan.base_dir,
-                adapter.path,
-                staged,
-                cfg.dtype,
-                cfg.max_shard_size,
-                device=cfg.device,
-                tokenizer=tokenizer,
-                plan=plan,
-            )
-            merge_seconds = stats["seconds"]
-            # One model in memory at a time: base+adapter first, then the merged files as written.
-            expected = _adapter_logits(model, adapter, dtype, batches, pad_id)
-            merged = models.load_base(ModelSource(source="local", name=str(staged)), quant=None, dtype=dtype)
-            actual = batch_logits(merged, batches, pad_id)
-            del merged
-            _release()
+            merge_seconds, expected, actual = _streamed_merge(plan, adapter, model, cfg, tokenizer, staged, batches)
         else:
-            base = models.load_base(model, quant=None, dtype=dtype)
-            peft_model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
-            expected = batch_logits(peft_model, batches, pad_id)
-            merged = peft_model.merge_and_unload()
-            merge_seconds = time.perf_counter() - start
-            actual = batch_logits(merged, batches, pad_id)
-        rel = max_relative_diff(actual, expected)
-        if rel > cfg.logit_rtol:
-            raise MergeMismatchError(
-                f"merged logits differ from base+adapter by {rel:.2e} of the logit range "
-                f"(merge.logit_rtol={cfg.logit_rtol}); not saving the merged model"
-            )
+            merged, merge_seconds, expected, actual = _peft_merge(adapter, model, dtype, batches, pad_id, start)
+        rel = _check_logits(actual, expected, cfg.logit_rtol)
         if method == "peft":
             merged.save_pretrained(staged, safe_serialization=True, max_shard_size=cfg.max_shard_size)
             tokenizer.save_pretrained(staged)
@@ -151,15 +123,75 @@ def merge_adapter(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     folder = ModelFolder(out_dir)
+    return folder, _merge_record(folder, cfg, method, reason, rel, len(rows), merge_seconds)
+
+
+def _check_batches(check_ds: Dataset, check_batches: int, batch_size: int) -> tuple[list, list[list]]:
+    """The first eval rows' input_ids, in batches: what the merged and unmerged logits are compared on."""
+    rows = list(check_ds.select(range(min(len(check_ds), check_batches * batch_size)))["input_ids"])
+    return rows, [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def _streamed_merge(plan, adapter: ModelFolder, model: ModelSource, cfg: MergeConfig, tokenizer, staged: Path, batches):
+    """The streamed merge into `staged`: (seconds, base+adapter logits, merged logits), one model in memory at once."""
+    dtype = getattr(torch, cfg.dtype)
+    pad_id = tokenizer.pad_token_id
+    stats = merge_stream.stream_merge(
+        plan.base_dir,
+        adapter.path,
+        staged,
+        cfg.dtype,
+        cfg.max_shard_size,
+        device=cfg.device,
+        tokenizer=tokenizer,
+        plan=plan,
+    )
+    # One model in memory at a time: base+adapter first, then the merged files as written.
+    expected = _adapter_logits(model, adapter, dtype, batches, pad_id)
+    merged = models.load_base(ModelSource(source="local", name=str(staged)), quant=None, dtype=dtype)
+    actual = batch_logits(merged, batches, pad_id)
+    del merged
+    _release()
+    return stats["seconds"], expected, actual
+
+
+def _peft_merge(adapter: ModelFolder, model: ModelSource, dtype, batches, pad_id, start: float):
+    """peft's merge_and_unload on the base in the merge dtype; (merged model, seconds since `start`, logits)."""
+    from peft import PeftModel
+
+    base = models.load_base(model, quant=None, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
+    expected = batch_logits(peft_model, batches, pad_id)
+    merged = peft_model.merge_and_unload()
+    merge_seconds = time.perf_counter() - start
+    actual = batch_logits(merged, batches, pad_id)
+    return merged, merge_seconds, expected, actual
+
+
+def _check_logits(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol: float) -> float:
+    """The merged logits' largest gap to base+adapter (of the logit range); MergeMismatchError above `rtol`."""
+    rel = max_relative_diff(actual, expected)
+    if rel > rtol:
+        raise MergeMismatchError(
+            f"merged logits differ from base+adapter by {rel:.2e} of the logit range "
+            f"(merge.logit_rtol={rtol}); not saving the merged model"
+        )
+    return rel
+
+
+def _merge_record(
+    folder: ModelFolder, cfg: MergeConfig, method: str, reason: str | None, rel: float, rows: int, seconds: float
+) -> dict:
+    """What the merge step records on the merged model: size, method, the logit check, any fallback's reason."""
     info = {
         "dtype": cfg.dtype,
         "size_bytes": folder.size_bytes(),
-        "shards": len(list(out_dir.glob("*.safetensors"))),
+        "shards": len(list(folder.path.glob("*.safetensors"))),
         "logit_max_rel_diff": rel,
-        "checked_rows": len(rows),
+        "checked_rows": rows,
         "method": method,
-        "merge_seconds": round(merge_seconds, 3),
+        "merge_seconds": round(seconds, 3),
     }
     if reason and cfg.method != "peft":
         info["fallback_reason"] = reason[:1000]
-    return folder, info
+    return info

@@ -128,6 +128,7 @@ class MergePlan:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The merge dtype as a torch dtype: float16, bfloat16 or float32, else ValueError."""
     if isinstance(dtype, torch.dtype):
         out = dtype
     else:
@@ -151,6 +152,7 @@ def parse_size(size: int | str) -> int:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json as a dict; FileNotFoundError naming the folder when it is not a peft adapter."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
         return json.loads(path.read_text())
@@ -191,6 +193,7 @@ def config_blockers(cfg: dict) -> list[str]:
 
 
 def _pattern_value(patterns: dict | None, module: str, default):
+    """A per-module rank or alpha from rank_pattern / alpha_pattern, matched as peft matches them."""
     if not patterns:
         return default
     from peft.utils.other import get_pattern_key
@@ -233,18 +236,38 @@ def _fp32_patterns(meta_model, dtype: torch.dtype):
 
 def plan_merge(base_dir: str | Path, adapter_dir: str | Path, dtype: str | torch.dtype = "float16") -> MergePlan:
     """Check that the merge can be streamed and lay out every output tensor. Raises NotStreamable."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     dtype = resolve_dtype(dtype)
+    acfg = _plain_lora_config(adapter_dir)
+    config = _float_base_config(base_dir)
+    meta = _meta_model(config)
+    tied = getattr(meta, "all_tied_weights_keys", None) or {}
+    fp32_re = _fp32_patterns(meta, dtype)
+    adapter_shapes = _adapter_shapes(adapter_dir / ADAPTER_WEIGHTS)
+    pairs, reasons = _pair_factors(adapter_shapes)
+    weight_map = _base_shards(base_dir)
+    targets, unfit = _targets(pairs, acfg, adapter_shapes, weight_map, meta, set(tied) | set(tied.values()))
+    if reasons + unfit:
+        raise NotStreamable(reasons + unfit)
+    tensors, dropped, shards = _lay_out(base_dir, weight_map, targets, adapter_shapes, tied, fp32_re, dtype)
+    config.dtype = dtype
+    return MergePlan(base_dir, adapter_dir, dtype, tensors, config, [base_dir / s for s in shards], dropped)
+
+
+def _plain_lora_config(adapter_dir: Path) -> dict:
+    """The adapter's config, checked first: NotStreamable unless its merge is plain LoRA from safetensors."""
     acfg = read_adapter_config(adapter_dir)
     reasons = config_blockers(acfg)
-    adapter_file = adapter_dir / ADAPTER_WEIGHTS
-    if not adapter_file.exists():
+    if not (adapter_dir / ADAPTER_WEIGHTS).exists():
         reasons.append(f"no {ADAPTER_WEIGHTS} in {adapter_dir} (a .bin adapter?)")
     if reasons:
         raise NotStreamable(reasons)
+    return acfg
+
+
+def _float_base_config(base_dir: Path):
+    """The base's transformers config, with plain float weights: NotStreamable for a quantized checkpoint."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_dir)
     quant = getattr(config, "quantization_config", None)
@@ -253,19 +276,30 @@ def plan_merge(base_dir: str | Path, adapter_dir: str | Path, dtype: str | torch
         if str(method) != "gguf":  # a GGUF conversion's weights are plain floats already
             raise NotStreamable([f"the base checkpoint is quantized (quant_method={method})"])
         del config.quantization_config
+    return config
+
+
+def _meta_model(config):
+    """The base architecture without weights (meta device): which module is which layer, which weights are tied."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception as err:  # unknown or remote-code architectures: let peft/transformers deal with them
         raise NotStreamable([f"cannot build the base architecture on the meta device: {err}"]) from None
-    tied = getattr(meta, "all_tied_weights_keys", None) or {}
-    tied_weights = set(tied) | set(tied.values())
-    fp32_re = _fp32_patterns(meta, dtype)
 
-    # Pair the adapter's A/B tensors per module.
-    pairs: dict[str, dict] = {}
+
+def _adapter_shapes(adapter_file: Path) -> dict[str, tuple[int, ...]]:
+    """Every adapter tensor's shape, read from the safetensors header alone."""
     with safe_open(adapter_file, "pt") as f:
-        adapter_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _pair_factors(adapter_shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict], list[str]]:
+    """The adapter's A/B tensors paired per module ({"kind", "A", "B"}), and why any tensor is not a LoRA factor."""
+    pairs: dict[str, dict] = {}
+    reasons = []
     for key in adapter_shapes:
         for suffix, (kind, which) in LORA_SUFFIXES.items():
             if key.endswith(suffix) and key.startswith(PEFT_PREFIX):
@@ -277,46 +311,74 @@ def plan_merge(base_dir: str | Path, adapter_dir: str | Path, dtype: str | torch
                 break
         else:
             reasons.append(f"adapter tensor {key!r} is not a plain LoRA factor")
+    return pairs, reasons
 
-    weight_map = _base_shards(base_dir)
+
+def _targets(
+    pairs: dict[str, dict], acfg: dict, adapter_shapes: dict, weight_map: dict[str, str], meta, tied_weights: set[str]
+) -> tuple[dict[str, Target], list[str]]:
+    """The base weight each module's LoRA changes (by weight name), and why any module cannot be streamed."""
     targets: dict[str, Target] = {}
+    reasons = []
     for module, entry in sorted(pairs.items()):
-        if "A" not in entry or "B" not in entry:
-            reasons.append(f"{module}: lora_A or lora_B missing from the adapter")
-            continue
-        weight_key = f"{module}.weight"
-        if weight_key not in weight_map:
-            reasons.append(f"{module}: the base checkpoint has no tensor {weight_key!r} (renamed or fused weights?)")
-            continue
-        if weight_key in tied_weights:
-            reasons.append(f"{module}: {weight_key} is tied to another weight")
-            continue
-        try:
-            layer = meta.get_submodule(module)
-        except AttributeError:
-            reasons.append(f"{module}: no such module in {type(meta).__name__}")
-            continue
-        kind = entry["kind"]
-        if kind == "linear" and isinstance(layer, torch.nn.Linear):
-            transpose = False
-        elif kind == "linear" and isinstance(layer, Conv1D):
-            transpose = True  # peft forces fan_in_fan_out=True for Conv1D, False for Linear
-        elif kind == "embedding" and isinstance(layer, torch.nn.Embedding):
-            transpose = True
+        target = _target(module, entry, acfg, adapter_shapes, weight_map, meta, tied_weights)
+        if isinstance(target, str):
+            reasons.append(target)
         else:
-            reasons.append(f"{module}: LoRA on {type(layer).__name__} is not streamed")
-            continue
-        a_shape, b_shape = adapter_shapes[entry["A"]], adapter_shapes[entry["B"]]
-        r = _pattern_value(acfg.get("rank_pattern"), module, acfg.get("r", 8))
-        alpha = _pattern_value(acfg.get("alpha_pattern"), module, acfg.get("lora_alpha", 8))
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
-            reasons.append(f"{module}: LoRA shapes A{list(a_shape)} B{list(b_shape)} do not fit r={r}")
-            continue
-        scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
-        targets[weight_key] = Target(module, entry["A"], entry["B"], scale, transpose)
-    if reasons:
-        raise NotStreamable(reasons)
+            targets[f"{module}.weight"] = target
+    return targets, reasons
 
+
+def _target(
+    module: str, entry: dict, acfg: dict, adapter_shapes: dict, weight_map: dict[str, str], meta, tied_weights: set[str]
+) -> Target | str:
+    """One module's Target (factors, scale, orientation), or the reason its merge cannot be streamed."""
+    if "A" not in entry or "B" not in entry:
+        return f"{module}: lora_A or lora_B missing from the adapter"
+    weight_key = f"{module}.weight"
+    if weight_key not in weight_map:
+        return f"{module}: the base checkpoint has no tensor {weight_key!r} (renamed or fused weights?)"
+    if weight_key in tied_weights:
+        return f"{module}: {weight_key} is tied to another weight"
+    try:
+        layer = meta.get_submodule(module)
+    except AttributeError:
+        return f"{module}: no such module in {type(meta).__name__}"
+    transpose = _transposed(entry["kind"], layer)
+    if transpose is None:
+        return f"{module}: LoRA on {type(layer).__name__} is not streamed"
+    a_shape, b_shape = adapter_shapes[entry["A"]], adapter_shapes[entry["B"]]
+    r = _pattern_value(acfg.get("rank_pattern"), module, acfg.get("r", 8))
+    alpha = _pattern_value(acfg.get("alpha_pattern"), module, acfg.get("lora_alpha", 8))
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
+        return f"{module}: LoRA shapes A{list(a_shape)} B{list(b_shape)} do not fit r={r}"
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    return Target(module, entry["A"], entry["B"], scale, transpose)
+
+
+def _transposed(kind: str, layer) -> bool | None:
+    """Whether the update is (B @ A).T for this layer (as peft merges it); None for a layer not streamed."""
+    from transformers.pytorch_utils import Conv1D
+
+    if kind == "linear" and isinstance(layer, torch.nn.Linear):
+        return False
+    if kind == "linear" and isinstance(layer, Conv1D):
+        return True  # peft forces fan_in_fan_out=True for Conv1D, False for Linear
+    if kind == "embedding" and isinstance(layer, torch.nn.Embedding):
+        return True
+    return None
+
+
+def _lay_out(
+    base_dir: Path,
+    weight_map: dict[str, str],
+    targets: dict[str, Target],
+    adapter_shapes: dict,
+    tied: dict,
+    fp32_re,
+    dtype: torch.dtype,
+) -> tuple[list[TensorPlan], list[str], list[str]]:
+    """Every output tensor in shard and name order, the tied copies dropped, and the input shard names."""
     tensors, dropped = [], []
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
@@ -330,27 +392,30 @@ def plan_merge(base_dir: str | Path, adapter_dir: str | Path, dtype: str | torch
                 if key in tied:  # save_pretrained drops tied copies too; the config still ties them
                     dropped.append(key)
                     continue
-                sl = f.get_slice(key)
-                shape, in_dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if in_dtype not in ST_ITEMSIZE:
-                    raise NotStreamable([f"{key}: dtype {in_dtype} is not supported here"])
-                out_dtype = in_dtype
-                if in_dtype in CASTABLE:
-                    out_dtype = "F32" if fp32_re is not None and fp32_re.search(key) else ST_NAME[dtype]
-                target = targets.get(key)
-                if target is not None:
-                    if in_dtype not in CASTABLE or len(shape) != 2:
-                        raise NotStreamable([f"{key}: a {in_dtype} tensor of shape {list(shape)} cannot take a LoRA"])
-                    a_shape, b_shape = adapter_shapes[target.a_key], adapter_shapes[target.b_key]
-                    want = (b_shape[0], a_shape[1]) if not target.transpose else (a_shape[1], b_shape[0])
-                    if shape != want:
-                        raise ValueError(
-                            f"adapter does not fit the base: {key} is {list(shape)} but the LoRA update "
-                            f"for {target.module} is {list(want)}"
-                        )
-                tensors.append(TensorPlan(shard, key, shape, in_dtype, out_dtype, target))
-    config.dtype = dtype
-    return MergePlan(base_dir, adapter_dir, dtype, tensors, config, [base_dir / s for s in sorted(by_shard)], dropped)
+                tensors.append(_tensor_plan(f, shard, key, targets.get(key), adapter_shapes, fp32_re, dtype))
+    return tensors, dropped, sorted(by_shard)
+
+
+def _tensor_plan(f, shard: str, key: str, target: Target | None, adapter_shapes: dict, fp32_re, dtype) -> TensorPlan:
+    """One output tensor: its shape, its dtype after the cast, and its LoRA update checked against its shape."""
+    sl = f.get_slice(key)
+    shape, in_dtype = tuple(sl.get_shape()), sl.get_dtype()
+    if in_dtype not in ST_ITEMSIZE:
+        raise NotStreamable([f"{key}: dtype {in_dtype} is not supported here"])
+    out_dtype = in_dtype
+    if in_dtype in CASTABLE:
+        out_dtype = "F32" if fp32_re is not None and fp32_re.search(key) else ST_NAME[dtype]
+    if target is not None:
+        if in_dtype not in CASTABLE or len(shape) != 2:
+            raise NotStreamable([f"{key}: a {in_dtype} tensor of shape {list(shape)} cannot take a LoRA"])
+        a_shape, b_shape = adapter_shapes[target.a_key], adapter_shapes[target.b_key]
+        want = (b_shape[0], a_shape[1]) if not target.transpose else (a_shape[1], b_shape[0])
+        if shape != want:
+            raise ValueError(
+                f"adapter does not fit the base: {key} is {list(shape)} but the LoRA update "
+                f"for {target.module} is {list(want)}"
+            )
+    return TensorPlan(shard, key, shape, in_dtype, out_dtype, target)
 
 
 def _assign_shards(tensors: list[TensorPlan], max_bytes: int) -> list[list[TensorPlan]]:
@@ -367,6 +432,7 @@ def _assign_shards(tensors: list[TensorPlan], max_bytes: int) -> list[list[Tenso
 
 
 def _header(tensors: list[TensorPlan]) -> bytes:
+    """A safetensors header (length prefix included) for `tensors`, laid out before any data is written."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -378,6 +444,7 @@ def _header(tensors: list[TensorPlan]) -> bytes:
 
 
 def _write(fh, tensor: torch.Tensor) -> int:
+    """A tensor's raw bytes appended to `fh`; the number written."""
     flat = tensor.contiguous().reshape(-1)
     if flat.numel() == 0:
         return 0
@@ -393,6 +460,7 @@ def _load_factors(adapter_file: Path, target: Target, device: torch.device) -> t
 
 
 def _stream_tensor(fh, plan: TensorPlan, base_dir: Path, adapter_file: Path, device, chunk_bytes: int) -> int:
+    """One output tensor written chunk by chunk of rows, with its LoRA update added in fp32; bytes written."""
     out_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(plan.out_dtype)
     path = base_dir / plan.shard
     if len(plan.shape) == 0:
@@ -423,6 +491,7 @@ def _stream_tensor(fh, plan: TensorPlan, base_dir: Path, adapter_file: Path, dev
 
 
 def _copy_side_files(base_dir: Path, out: Path, config, tokenizer) -> None:
+    """config.json, the generation config and the tokenizer files next to the merged weights."""
     config.save_pretrained(out)
     gen = base_dir / "generation_config.json"
     if gen.exists():
@@ -445,6 +514,7 @@ def _copy_side_files(base_dir: Path, out: Path, config, tokenizer) -> None:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The device the LoRA updates are computed on: CUDA when there is one (auto), else what merge.device says."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -453,6 +523,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def _claim_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder that already holds something; remove an empty placeholder so it can be replaced."""
     if out_dir.exists():
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # an empty placeholder: replace it atomically below
@@ -484,36 +555,16 @@ def stream_merge(
     shards = _assign_shards(plan.tensors, max_bytes)
     if not shards:
         raise ValueError(f"{base_dir}: the base checkpoint holds no tensors")
-    names = (
-        [SAFE_WEIGHTS]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = _shard_names(len(shards))
     adapter_file = adapter_dir / ADAPTER_WEIGHTS
     _claim_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         for name, tensors in zip(names, shards):
-            header = _header(tensors)
-            with open(tmp / name, "wb") as fh:
-                fh.write(header)
-                for t in tensors:
-                    n = _stream_tensor(fh, t, base_dir, adapter_file, dev, chunk_bytes)
-                    if n != t.out_bytes:
-                        raise RuntimeError(f"{t.key}: wrote {n} bytes, expected {t.out_bytes}")
-                expected = len(header) + sum(t.out_bytes for t in tensors)
-                if fh.tell() != expected:
-                    raise RuntimeError(f"{name}: {fh.tell()} bytes written, expected {expected}")
+            _write_shard(tmp / name, tensors, base_dir, adapter_file, dev, chunk_bytes)
         if len(shards) > 1:
-            index = {
-                "metadata": {
-                    "total_parameters": sum(math.prod(t.shape) for t in plan.tensors),
-                    "total_size": sum(t.out_bytes for t in plan.tensors),
-                },
-                "weight_map": {t.key: name for name, ts in zip(names, shards) for t in ts},
-            }
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            _write_index(tmp / SAFE_INDEX, plan.tensors, names, shards)
         _copy_side_files(base_dir, tmp, plan.config, tokenizer)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         os.replace(tmp, out_dir)
@@ -530,3 +581,36 @@ def stream_merge(
         "bytes": sum(t.out_bytes for t in plan.tensors),
         "largest_input_shard_bytes": max(p.stat().st_size for p in plan.input_shards),
     }
+
+
+def _shard_names(count: int) -> list[str]:
+    """The output shard file names transformers' save_pretrained uses: one model.safetensors, or numbered shards."""
+    if count == 1:
+        return [SAFE_WEIGHTS]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _write_shard(path: Path, tensors: list[TensorPlan], base_dir: Path, adapter_file: Path, dev, chunk_bytes: int):
+    """One output shard: the header laid out in advance, then each tensor streamed, every byte count checked."""
+    header = _header(tensors)
+    with open(path, "wb") as fh:
+        fh.write(header)
+        for t in tensors:
+            n = _stream_tensor(fh, t, base_dir, adapter_file, dev, chunk_bytes)
+            if n != t.out_bytes:
+                raise RuntimeError(f"{t.key}: wrote {n} bytes, expected {t.out_bytes}")
+        expected = len(header) + sum(t.out_bytes for t in tensors)
+        if fh.tell() != expected:
+            raise RuntimeError(f"{path.name}: {fh.tell()} bytes written, expected {expected}")
+
+
+def _write_index(path: Path, tensors: list[TensorPlan], names: list[str], shards: list[list[TensorPlan]]) -> None:
+    """model.safetensors.index.json for a sharded output: totals and which shard holds each tensor."""
+    index = {
+        "metadata": {
+            "total_parameters": sum(math.prod(t.shape) for t in tensors),
+            "total_size": sum(t.out_bytes for t in tensors),
+        },
+        "weight_map": {t.key: name for name, ts in zip(names, shards) for t in ts},
+    }
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -53,6 +53,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _credentials(store) -> list[str | None]:
+    """The store's credentials, to mask in error messages ([] when it has none)."""
     try:
         return list(store.get_credentials())
     except Exception:  # no secret, no connector: nothing to redact
@@ -75,27 +76,8 @@ def check_artifact_store(store=None, timeout: float = 5.0) -> None:
     secret = getattr(config, "authentication_secret", None)
     endpoint = (getattr(config, "client_kwargs", None) or {}).get("endpoint_url")
     where = f"artifact store '{store.name}' ({store.flavor}, {config.path}{f' at {endpoint}' if endpoint else ''})"
-    credentials = f"the credentials of secret '{secret}'" if secret else "its credentials (no authentication secret)"
-    fix_secret = (
-        f"check the secret (zenml secret describe {secret}; zenml secret update {secret} "
-        "--aws_access_key_id=... --aws_secret_access_key=...)"
-        if secret
-        else f"check the store's key/secret fields or this machine's cloud credentials (zenml artifact-store describe "
-        f"{store.name})"
-    )
-
     if endpoint:
-        url = urlparse(endpoint)
-        host, port = url.hostname or "localhost", url.port or (443 if url.scheme == "https" else 80)
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e:
-            raise ArtifactStoreError(
-                f"{where} is unreachable: cannot connect to {host}:{port} ({e.strerror or e}); check that the S3 "
-                f"server is running (this project's local stack: bash infra/stacks/container.sh status) and the "
-                f"store's endpoint_url (zenml artifact-store describe {store.name})"
-            ) from None
-
+        _connect(endpoint, timeout, where, store.name)
     try:
         store.listdir(config.path)
     except KeyError as e:  # the authentication secret named by the store does not exist
@@ -105,21 +87,48 @@ def check_artifact_store(store=None, timeout: float = 5.0) -> None:
             f"at another (zenml artifact-store update {store.name} --authentication_secret=...)"
         ) from None
     except Exception as e:
-        code = _error_code(e)
-        text = mask_secrets(_describe(e), *_credentials(store))
-        if code in AUTH_CODES or (code is None and any(isinstance(x, PermissionError) for x in exception_chain(e))):
-            raise ArtifactStoreError(f"{where} refused {credentials}: {text}; {fix_secret}") from None
-        if code in MISSING_BUCKET_CODES or (code is None and isinstance(e, FileNotFoundError)):
-            raise ArtifactStoreError(
-                f"{where}: the bucket does not exist ({text}); create it or fix the store's path "
-                f"(zenml artifact-store update {store.name} --path=...)"
-            ) from None
-        unreachable = any(isinstance(x, (ConnectionError, TimeoutError)) for x in exception_chain(e))
-        if (code is None and unreachable) or "Could not connect" in text:
-            raise ArtifactStoreError(f"{where} is unreachable: {text}; check its endpoint and network") from None
-        raise ArtifactStoreError(f"{where} failed to list its root path: {text}; {fix_secret}") from None
+        raise _listing_error(e, store, where, secret) from None
     finally:
         # the filesystem object is cached (fsspec): leave no listing behind for the run's own calls to trust
         fs = getattr(store, "_filesystem", None)
         if fs is not None and hasattr(fs, "invalidate_cache"):
             fs.invalidate_cache()
+
+
+def _connect(endpoint: str, timeout: float, where: str, store_name: str) -> None:
+    """A TCP connect to the store's endpoint: ArtifactStoreError in seconds when the server is down."""
+    url = urlparse(endpoint)
+    host, port = url.hostname or "localhost", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ArtifactStoreError(
+            f"{where} is unreachable: cannot connect to {host}:{port} ({e.strerror or e}); check that the S3 "
+            f"server is running (this project's local stack: bash infra/stacks/container.sh status) and the "
+            f"store's endpoint_url (zenml artifact-store describe {store_name})"
+        ) from None
+
+
+def _listing_error(e: Exception, store, where: str, secret: str | None) -> ArtifactStoreError:
+    """Why listing the root failed, in words: credentials refused, no bucket, unreachable, or else what happened."""
+    credentials = f"the credentials of secret '{secret}'" if secret else "its credentials (no authentication secret)"
+    fix_secret = (
+        f"check the secret (zenml secret describe {secret}; zenml secret update {secret} "
+        "--aws_access_key_id=... --aws_secret_access_key=...)"
+        if secret
+        else f"check the store's key/secret fields or this machine's cloud credentials (zenml artifact-store describe "
+        f"{store.name})"
+    )
+    code = _error_code(e)
+    text = mask_secrets(_describe(e), *_credentials(store))
+    if code in AUTH_CODES or (code is None and any(isinstance(x, PermissionError) for x in exception_chain(e))):
+        return ArtifactStoreError(f"{where} refused {credentials}: {text}; {fix_secret}")
+    if code in MISSING_BUCKET_CODES or (code is None and isinstance(e, FileNotFoundError)):
+        return ArtifactStoreError(
+            f"{where}: the bucket does not exist ({text}); create it or fix the store's path "
+            f"(zenml artifact-store update {store.name} --path=...)"
+        )
+    unreachable = any(isinstance(x, (ConnectionError, TimeoutError)) for x in exception_chain(e))
+    if (code is None and unreachable) or "Could not connect" in text:
+        return ArtifactStoreError(f"{where} is unreachable: {text}; check its endpoint and network")
+    return ArtifactStoreError(f"{where} failed to list its root path: {text}; {fix_secret}")

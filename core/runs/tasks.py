@@ -13,13 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core.artifact_names import ADAPTER, for_task
 from core.artifacts import HtmlReport, html_table
 from core.reports import EvalReport, ModelScores, TrainMetrics
-
-
-def adapter_artifact(task: str) -> str:
-    """The artifact name of a task's adapter; the serving pipeline calls that adapter `task`."""
-    return f"adapter_{task}"
 
 
 class TaskRow(BaseModel):
@@ -93,7 +89,7 @@ def summarize(
         tasks=[
             TaskRow(
                 task=task,
-                adapter=adapter_artifact(task),
+                adapter=for_task(ADAPTER, task),  # the serving pipeline calls that adapter `task`
                 lora=lora,
                 eval_rows=report.eval_rows,
                 train_steps=m.steps,

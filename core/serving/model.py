@@ -31,14 +31,14 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import AfterValidator, Field, model_validator
 
-from core import models
+from core import artifact_names, models
 from core.config import ModelSource, StrictModel
 from core.prompts import check_template
 from core.serving.batching import BatchEngine, Generation
 
-ADAPTER_ARTIFACT = "adapter"  # single-task pipeline output (steps/train.py)
-ADAPTER_PREFIX = "adapter_"  # multi-task outputs: adapter_<task>
-MERGED_ARTIFACT = "merged_model"  # steps/merge.py output
+ADAPTER_ARTIFACT = artifact_names.ADAPTER  # single-task pipeline output (steps/train.py)
+ADAPTER_PREFIX = artifact_names.for_task(artifact_names.ADAPTER, "")  # multi-task outputs: adapter_<task>
+MERGED_ARTIFACT = artifact_names.MERGED_MODEL  # steps/merge.py output
 DEFAULT_ADAPTER = "default"  # served name of the artifact `adapter`
 MERGED_ADAPTER = "merged"  # served name of the merged model (load: merged)
 BASE_ADAPTER = "base"  # served name of the base with every adapter disabled (load: adapters)
