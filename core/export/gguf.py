@@ -655,8 +655,8 @@ def export_llamacpp(
 
 def _convert_and_quantize(model_dir: Path, out_dir: Path, name: str, types, written: list[Path]) -> dict[str, Path]:
     """llama.cpp's f16 conversion, then each quantized type from it; every file is noted in `written` at once."""
-    from core.export import llamacpp
     from core.cpus import usable_cpus
+    from core.export import llamacpp
 
     f16 = llamacpp.convert(model_dir, out_dir / gguf_file_name(name, "f16"), name)
     written.append(f16)
@@ -706,8 +706,8 @@ def _check_in_llamacpp(
     failures: list[str],
 ) -> dict:
     """One GGUF file loaded in llama.cpp against the reference: its record; what fails is appended to `failures`."""
-    from core.export import llamacpp
     from core.cpus import usable_cpus
+    from core.export import llamacpp
 
     n_ctx = max(len(r) for r in rows + [p + [0] * cfg.answer_tokens for p in prompts]) + 8
     llm = llamacpp.load(file, n_ctx, threads=usable_cpus())
