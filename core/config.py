@@ -380,7 +380,8 @@ class ExportConfig(_Strict):
     # Llama-only f16 writer (core/export/gguf.py), so the default install stays light; llama.cpp / builtin: force one.
     converter: Literal["auto", "llama.cpp", "builtin"] = "auto"
     # llama.cpp checks, each file against the merged model in transformers: greedy answers to this many eval
-    # prompts (f16 must give the same tokens) and perplexity on perplexity_rows eval rows, at most these ratios.
+    # prompts (f16 must give the same tokens) and perplexity on perplexity_rows eval rows, within these ratios
+    # either way (between 1/ratio and ratio: a file scoring far better than the merged model is broken too).
     answer_tokens: int = Field(32, ge=1)
     perplexity_rows: int = Field(16, ge=1)
     max_perplexity_ratio: dict[Literal["f16", "q8_0", "q4_k_m"], float] = Field(
