@@ -646,8 +646,9 @@ class ExportConfig(StrictModel):
     )
     max_perplexity_ratio: dict[Literal["f16", "q8_0", "q4_k_m"], float] = Field(
         default_factory=lambda: {"f16": 1.005, "q8_0": 1.01, "q4_k_m": 1.10},
-        description="llama.cpp's check: the highest allowed perplexity of a file of each type, as a ratio to the "
-        "merged model's; a type not listed is not checked.",
+        description="llama.cpp's check: the allowed perplexity of a file of each type, as a ratio to the merged "
+        "model's, either way (between 1/ratio and ratio: a file scoring far better than the merged model is broken "
+        "too); a type not listed is not checked.",
     )
 
     @field_validator("types")

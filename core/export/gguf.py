@@ -624,11 +624,24 @@ def hf_greedy_ids(model, prompts: list[list[int]], max_new_tokens: int, eos_ids:
     return out
 
 
+def perplexity_out_of_bounds(ratio: float, bound: float) -> str | None:
+    """Where a GGUF file's perplexity ratio to the merged model's falls outside [1/bound, bound] ("above 1.0050x",
+    "below 0.9950x"); None within. Both ways: f16 holds the merged weights, so it must score as they do; a
+    quantized file mostly scores worse (up to `bound`) and may dip below by as much noise, not more. A file far
+    below its source is broken as surely as one far above (a wrong tensor, a perplexity measured wrongly)."""
+    if ratio > bound:
+        return f"above {bound:.4f}x"
+    if not ratio >= 1 / bound:  # NaN too
+        return f"below {1 / bound:.4f}x"
+    return None
+
+
 def export_llamacpp(
     model_dir: Path, prompts: list[list[int]], rows: list[list[int]], cfg: ExportConfig, out_dir: Path, name: str
 ) -> tuple[dict[str, Path], dict]:
     """llama.cpp converts (f16) and quantizes; llama.cpp loads each file, which must answer the eval prompts like
-    the merged model (f16: token for token) and stay within cfg.max_perplexity_ratio of its perplexity on `rows`.
+    the merged model (f16: token for token) and stay within cfg.max_perplexity_ratio of its perplexity on `rows`,
+    either way (perplexity_out_of_bounds).
     Returns ({type: file}, info). On any failure every file written here is deleted."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -720,9 +733,9 @@ def _check_in_llamacpp(
     bound = cfg.max_perplexity_ratio.get(kind)
     logger.info("GGUF %s: perplexity %.4f (%.4fx the merged model's), %d/%d greedy answers the same",
                 kind, ppl, ratio, same, len(prompts))  # fmt: skip
-    if bound is not None and not ratio <= bound:
-        failures.append(f"{kind}: perplexity {ppl:.4f} is {ratio:.4f}x the merged model's {ref_ppl:.4f} "
-                        f"(export.max_perplexity_ratio.{kind}={bound})")  # fmt: skip
+    if bound is not None and (side := perplexity_out_of_bounds(ratio, bound)):
+        failures.append(f"{kind}: perplexity {ppl:.4f} is {ratio:.4f}x the merged model's {ref_ppl:.4f}, "
+                        f"{side} (export.max_perplexity_ratio.{kind}={bound}, either way)")  # fmt: skip
     if kind == "f16" and same != len(prompts):
         bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
         tokenizer = reference.tokenizer

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.config import EvalConfig, GateConfig, MergeConfig
-from core.evaluation.gate import QualityGateError, apply_gate, enforce_gate
+from core.evaluation.gate import QualityGateError, apply_gate, enforce_gate, failed_checks, may_promote
 from core.evaluation.scoring import evaluate_adapter, text_scores
 from core.merge.adapter import MergeMismatchError, merge_adapter
 from core.models import load_base
@@ -128,10 +128,65 @@ def test_probe_is_scored_for_both_models_and_reported(trained_adapter, tiny_spli
     assert any(m.startswith("general-ability loss") for m in report.gate_messages)
     html = report.to_html()
     assert "General ability (forgetting check) on 12 probe rows" in html
-    strict = cfg.model_copy(update={"gate": GateConfig(min_eval_rows=5, max_general_loss_increase=0.0)})
-    worse = report.general_tuned.loss > report.general_base.loss
-    strict_report = evaluate_adapter(adapter, tiny_splits[1], tiny_source, strict, general_ds=general)
-    assert strict_report.gate_passed is (report.gate_passed and not worse)
+
+
+def _negated_adapter(adapter, folder):
+    """The trained adapter with its update reversed (lora_B * -1): base - delta instead of base + delta."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from core.artifacts import ModelFolder
+
+    shutil.copytree(adapter.path, folder)
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in weights)
+    save_file({k: -w if "lora_B" in k else w for k, w in weights.items()}, folder / "adapter_model.safetensors")
+    return ModelFolder(path=str(folder))
+
+
+def test_forgetting_gate_fails_a_candidate_worse_than_base_on_the_probe(
+    trained_adapter, tiny_splits, tiny_source, probe_rows, tmp_path
+):
+    """The strict forgetting check through evaluate_adapter, on its failing side: the tiny base is random, so the
+    trained adapter lowers the probe loss too (it would pass any max_general_loss_increase); its update reversed
+    raises it. Every other check is loosened, so the forgetting check alone decides."""
+    adapter, _, _ = trained_adapter
+    gate = GateConfig(min_eval_rows=5, min_loss_improvement=-1.0, max_rouge_drop=1.0, max_general_loss_increase=0.0)
+    cfg = EvalConfig(num_generate=1, max_new_tokens=4, general_max_new_tokens=4, bootstrap_resamples=0, gate=gate)
+    forgot = _negated_adapter(adapter, tmp_path / "negated")
+    report = evaluate_adapter(forgot, tiny_splits[1], tiny_source, cfg, general_ds=probe_rows)
+    assert report.general_tuned.loss > report.general_base.loss  # on the failing side of the check, not by luck
+    assert not report.gate_passed
+    (fail,) = failed_checks(report)
+    assert fail.startswith(
+        f"general-ability loss {report.general_tuned.loss:.4f} vs base {report.general_base.loss:.4f}"
+    )
+    assert "(max_general_loss_increase=0.0) -> FAIL" in fail
+    with pytest.raises(QualityGateError, match=r"general-ability loss .*max_general_loss_increase=0\.0\) -> FAIL"):
+        enforce_gate(report)
+
+
+def test_evaluate_adapter_fails_the_gate_on_fewer_held_out_rows_than_min_eval_rows(
+    trained_adapter, tiny_splits, tiny_source
+):
+    """The toy held-out split (13 rows) under the default min_eval_rows (20): the adapter beats the base, yet the
+    gate fails on the row count alone, and merge's enforce_gate stops the run quoting it (warn: not promoted)."""
+    adapter, _, _ = trained_adapter
+    held_out = tiny_splits[1]
+    rows = len(held_out)
+    cfg = EvalConfig(num_generate=1, max_new_tokens=4, bootstrap_resamples=0, gate=GateConfig())
+    assert rows < cfg.gate.min_eval_rows == 20
+    report = evaluate_adapter(adapter, held_out, tiny_source, cfg)
+    assert report.eval_rows == rows and report.tuned.loss < report.base.loss
+    assert not report.gate_passed
+    (fail,) = failed_checks(report)
+    assert fail.startswith(f"held-out rows {rows}: needs >= 20 (min_eval_rows): too few to decide anything")
+    assert "data.eval_path" in fail and fail.endswith("-> FAIL")
+    with pytest.raises(QualityGateError, match=rf"held-out rows {rows}: needs >= 20 \(min_eval_rows\)"):
+        enforce_gate(report)
+    warned = report.model_copy(update={"on_fail": "warn"})
+    assert enforce_gate(warned) == ["candidate"] and not may_promote([warned])
 
 
 def test_gate_fails_on_too_few_held_out_rows_and_says_how_to_get_more():

@@ -373,6 +373,18 @@ def test_modelfile_template_renders_as_training_and_a_wrong_one_is_caught(bundle
         check_modelfile(no_stop, tok, "You answer Acme customer support questions.")
 
 
+def test_perplexity_bounds_hold_either_way():
+    """A GGUF file's perplexity ratio to the merged model's must lie in [1/bound, bound]: an f16 file scoring far
+    better than the weights it holds is as broken as one scoring worse; a quantized one may dip by noise only."""
+    from core.export.gguf import perplexity_out_of_bounds as out
+
+    assert [out(r, 1.005) for r in (1.0, 1.0049, 0.9951)] == [None] * 3
+    assert out(1.006, 1.005) == "above 1.0050x" and out(0.994, 1.005) == out(0.5, 1.005) == "below 0.9950x"
+    assert out(float("nan"), 1.005) is not None
+    assert [out(r, 1.10) for r in (0.95, 1.0, 1.09)] == [None] * 3
+    assert out(1.11, 1.10) == "above 1.1000x" and out(0.9, 1.10) == "below 0.9091x"
+
+
 def test_quantized_types_without_llama_cpp_say_how_to_get_it(tmp_path, merged_dir, rows, monkeypatch):
     from core.export.llamacpp import LlamaCppMissingError
 

@@ -7,6 +7,9 @@ the way merge saves a merged model.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -58,7 +61,7 @@ def test_every_type_is_made_and_checked_by_llama_cpp(tmp_path, merged, eval_rows
     assert info["converter"].startswith("llama.cpp") and info["types"] == ["q4_k_m", "q8_0", "f16"]
     assert info["f16"]["same_greedy_answers"] == "4/4"  # llama.cpp answers as transformers does, token for token
     for kind, bound in (("f16", 1.005), ("q8_0", 1.01), ("q4_k_m", 1.10)):
-        assert info[kind]["max_perplexity_ratio"] == bound and 0 < info[kind]["perplexity_ratio"] <= bound
+        assert info[kind]["max_perplexity_ratio"] == bound and 1 / bound <= info[kind]["perplexity_ratio"] <= bound
         assert info[kind]["perplexity"] == pytest.approx(
             info["merged_perplexity"] * info[kind]["perplexity_ratio"], rel=1e-3
         )
@@ -74,11 +77,31 @@ def test_every_type_is_made_and_checked_by_llama_cpp(tmp_path, merged, eval_rows
     )
 
 
-def test_a_file_over_its_perplexity_bound_is_refused_and_nothing_is_left(tmp_path, merged, eval_rows):
+def test_a_file_outside_its_perplexity_bounds_either_way_is_refused_and_nothing_is_left(
+    tmp_path, merged, eval_rows, monkeypatch
+):
+    """llama.cpp's perplexity of each file, scaled as a broken file or measurement would: the f16 file (made to
+    quantize from, and checked too) scores half the merged model's, far too well; the q4_k_m file 3x, far too
+    badly. Both are refused, each saying which way."""
     prompts, rows = eval_rows
-    cfg = ExportConfig(types=["q4_k_m"], check_rows=2, perplexity_rows=3, max_perplexity_ratio={"q4_k_m": 0.5})
-    with pytest.raises(GGUFMismatchError, match=r"q4_k_m: perplexity .* \(export.max_perplexity_ratio.q4_k_m=0.5\)"):
+    measured, scale = {}, {"tiny-F16.gguf": 0.5, "tiny-Q4_K_M.gguf": 3.0}
+    real = llamacpp.perplexity_llama
+
+    def scaled(llm, rows):
+        name = Path(llm.model_path).name
+        measured[name] = real(llm, rows)
+        return measured[name] * scale[name]
+
+    monkeypatch.setattr(llamacpp, "perplexity_llama", scaled)
+    cfg = ExportConfig(types=["q4_k_m"], check_rows=2, perplexity_rows=3)
+    with pytest.raises(GGUFMismatchError) as failed:
         export_model(ModelFolder(merged), rows, cfg, tmp_path / "gguf", "tiny", prompts=prompts)
+    assert set(measured) == set(scale)
+    message = str(failed.value)
+    assert re.search(r"f16: perplexity [\d.]+ is 0\.5\d*x the merged model's [\d.]+, below 0\.9950x "
+                     r"\(export\.max_perplexity_ratio\.f16=1\.005, either way\)", message), message  # fmt: skip
+    assert re.search(r"q4_k_m: perplexity [\d.]+ is 3\.0\d*x the merged model's [\d.]+, above 1\.1000x "
+                     r"\(export\.max_perplexity_ratio\.q4_k_m=1\.1, either way\)", message), message  # fmt: skip
     assert list((tmp_path / "gguf").glob("*.gguf")) == []
 
 

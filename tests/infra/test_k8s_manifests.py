@@ -4,15 +4,18 @@ A Kubernetes stack (kubernetes orchestrator, container registry, image builder) 
 the test store and the pipeline is run on it from the YAML exactly as `zenml pipeline run -c` does,
 with a pre-registered image build (no Docker) and the Kubernetes API replaced by a recorder. So the
 orchestrator Job and the CronJob below come out of ZenML's own KubernetesOrchestrator code. The
-step Jobs are made inside the cluster by the orchestrator pod (kubernetes_orchestrator_entrypoint);
-`step_job` repeats those few calls (settings, default requests, build_pod_manifest,
-build_job_manifest) on the compiled snapshot. All builders are ZenML's manifest_utils.
+step Jobs are made inside the cluster by the orchestrator pod: `step_jobs` runs ZenML's own
+orchestrator-pod entrypoint (kubernetes_orchestrator_entrypoint.main) on the orchestrator Job's
+arguments and environment, with the cluster calls recorded and every step started once. The
+orchestrator is configured as infra/stacks/k8s.sh registers it. All builders are ZenML's manifest_utils.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -26,18 +29,19 @@ from kubernetes import client as k8s_client  # noqa: E402
 from zenml.client import Client  # noqa: E402
 from zenml.enums import StackComponentType  # noqa: E402
 from zenml.integrations.kubernetes import kube_utils  # noqa: E402
-from zenml.integrations.kubernetes.constants import KUBERNETES_SECRET_TOKEN_KEY_NAME  # noqa: E402
-from zenml.integrations.kubernetes.manifest_utils import (  # noqa: E402
-    build_job_manifest,
-    build_pod_manifest,
-    pod_template_manifest_from_pod,
+from zenml.integrations.kubernetes.constants import (  # noqa: E402
+    KUBERNETES_SECRET_TOKEN_KEY_NAME,
+    STEP_NAME_ANNOTATION_KEY,
 )
+from zenml.integrations.kubernetes.orchestrators import kubernetes_orchestrator_entrypoint as entrypoint  # noqa: E402
 from zenml.integrations.kubernetes.orchestrators.kubernetes_orchestrator import KubernetesOrchestrator  # noqa: E402
 from zenml.models import BuildItem, PipelineBuildRequest  # noqa: E402
+from zenml.stack import stack as stack_module  # noqa: E402
 
 from core.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+K8S_SCRIPT = REPO / "infra" / "stacks" / "k8s.sh"
 K8S_CONFIG = REPO / "configs" / "k8s_gpu.yaml"
 SCHEDULE_CONFIG = REPO / "configs" / "schedule_weekly.yaml"
 IMAGE = "registry.example.com/ml/zenml-qlora@sha256:" + "ab" * 32
@@ -91,6 +95,35 @@ def recorded_kubernetes_api():
         yield submitted
 
 
+def orchestrator_configuration() -> dict:
+    """The orchestrator's configuration as infra/stacks/k8s.sh registers it (`zenml orchestrator register`), its
+    shell variables at their defaults; except: incluster instead of a kubectl context (no kubeconfig here) and
+    skip_local_validations (the test store's artifact store is local)."""
+    text = K8S_SCRIPT.read_text()
+    defaults = dict(re.findall(r'^(\w+)="\$\{\1:-([^}]*)\}"', text, re.M))
+    (command,) = [
+        shlex.split(line)
+        for line in text.replace("\\\n", " ").splitlines()
+        if line.strip().startswith("zenml orchestrator register")
+    ]
+    flags = dict(arg[2:].split("=", 1) for arg in command[4:] if arg.startswith("--"))
+    assert flags.pop("flavor") == "kubernetes" and flags.pop("kubernetes_context") == "$KUBE_CONTEXT"
+    config = {}
+    for key, value in flags.items():
+        value = re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m.group(1)], value)
+        config[key] = {"true": True, "false": False}.get(value, value)
+    return {**config, "incluster": True, "skip_local_validations": True}
+
+
+def test_orchestrator_is_configured_as_the_stack_script_registers_it():
+    assert orchestrator_configuration() == {
+        "kubernetes_namespace": "zenml",
+        "pass_zenml_token_as_secret": True,
+        "incluster": True,
+        "skip_local_validations": True,
+    }
+
+
 @pytest.fixture(scope="module")
 def k8s_stack(zenml_home):
     """A Kubernetes stack in the test store, active for this module only; yields (stack model, build id)."""
@@ -99,14 +132,7 @@ def k8s_stack(zenml_home):
         name="k8s-gpu-test",
         flavor="kubernetes",
         component_type=StackComponentType.ORCHESTRATOR,
-        # As infra/stacks/k8s.sh registers it, except: incluster (no kubeconfig here) and
-        # skip_local_validations (the test store's artifact store is local).
-        configuration={
-            "incluster": True,
-            "kubernetes_namespace": "zenml",
-            "pass_zenml_token_as_secret": True,
-            "skip_local_validations": True,
-        },
+        configuration=orchestrator_configuration(),
     )
     registry = client.create_stack_component(
         name="registry-test",
@@ -171,50 +197,42 @@ def submit(config: Path, build_id):
     return submitted
 
 
-def step_job(snapshot, step_name: str, shared_env: dict) -> dict:
-    """The Job the orchestrator pod creates for one step: ZenML 0.98's
-    kubernetes_orchestrator_entrypoint.start_step_job, minus the API calls."""
-    from zenml.entrypoints.step_entrypoint_configuration import StepEntrypointConfiguration
-    from zenml.utils import env_utils
+def step_jobs(orchestrator_manifest: dict) -> dict[str, dict]:
+    """The Jobs the orchestrator pod of this orchestrator Job (or CronJob) creates, one per step: ZenML's own
+    kubernetes_orchestrator_entrypoint.main on the pod's arguments, every Kubernetes call recorded, each step
+    started once (its DAG runner replaced; no step runs). Inside the pod, ZenML's config environment is the pod's
+    plain env, and its secret part the API token the pod got through its Secret reference."""
+    container = manifest_pod_spec(orchestrator_manifest)["containers"][0]
+    assert container["command"][-1] == entrypoint.__name__
+    pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    pod_secrets = {e["name"]: ZENML_API_TOKEN for e in container["env"] if "valueFrom" in e}
 
-    stack = Client().active_stack
-    orchestrator = stack.orchestrator
-    step = snapshot.step_configurations[step_name]
-    settings = orchestrator.get_settings(step)
-    env = {**shared_env, **env_utils.get_runtime_environment(config=step.config, stack=stack)}
-    pod_settings = kube_utils.apply_default_resource_requests(memory="400Mi", pod_settings=settings.pod_settings)
-    if orchestrator.config.pass_zenml_token_as_secret:
-        env.pop("ZENML_STORE_API_TOKEN", None)
-        pod_settings.env.append(
-            {
-                "name": "ZENML_STORE_API_TOKEN",
-                "valueFrom": {
-                    "secretKeyRef": {
-                        "name": orchestrator.get_token_secret_name(snapshot.id),
-                        "key": KUBERNETES_SECRET_TOKEN_KEY_NAME,
-                    }
-                },
-            }
-        )
-    pod = build_pod_manifest(
-        pod_name=None,
-        image_name=KubernetesOrchestrator.get_image(snapshot=snapshot, step_name=step_name),
-        command=StepEntrypointConfiguration.get_entrypoint_command(),
-        args=StepEntrypointConfiguration.get_entrypoint_arguments(step_name=step_name, snapshot_id=snapshot.id),
-        env=env,
-        privileged=settings.privileged,
-        pod_settings=pod_settings,
-        service_account_name=settings.step_pod_service_account_name or settings.service_account_name,
-        labels={"step_name": kube_utils.sanitize_label_value(step_name)},
-    )
-    retry = step.config.retry
-    job = build_job_manifest(
-        job_name=kube_utils.sanitize_label(f"{step_name}-{snapshot.pipeline_configuration.name}"),
-        pod_template=pod_template_manifest_from_pod(pod),
-        backoff_limit=(retry.max_retries if retry else 0) + settings.backoff_limit_margin,
-        ttl_seconds_after_finished=settings.ttl_seconds_after_finished,
-    )
-    return as_dict(job)
+    class StartEveryStep:
+        def __init__(self, nodes, node_startup_function, **kw):
+            self.nodes, self.start = nodes, node_startup_function
+
+        def run(self):
+            return {node.id: (self.start(node), entrypoint.NodeStatus.COMPLETED)[1] for node in self.nodes}
+
+    name = orchestrator_manifest["metadata"].get("name", "orchestrator")
+    with (
+        recorded_kubernetes_api() as submitted,
+        mock.patch.dict(stack_module._STACK_CACHE, clear=True),  # a fresh process: the stack as registered now
+        mock.patch.object(sys, "argv", [entrypoint.__file__, *container["args"]]),
+        mock.patch.object(entrypoint.socket, "gethostname", return_value=f"{name}-pod"),
+        mock.patch.object(entrypoint, "is_pipeline_logging_enabled", return_value=False),
+        mock.patch.object(KubernetesOrchestrator, "get_kube_client", return_value=k8s_client.ApiClient()),
+        mock.patch.object(kube_utils, "get_parent_job_name", return_value=name),
+        mock.patch.object(entrypoint, "_get_orchestrator_job_state", return_value=(None, None)),
+        mock.patch.object(kube_utils, "update_job"),
+        mock.patch.object(kube_utils, "get_pod_owner_references", return_value=[]),
+        mock.patch.object(kube_utils, "delete_secret"),
+        mock.patch.object(entrypoint, "get_config_environment_vars", return_value=(pod_env, pod_secrets)),
+        mock.patch.object(entrypoint, "DagRunner", StartEveryStep),
+    ):
+        entrypoint.main()
+    jobs = [as_dict(job) for job in submitted["jobs"]]
+    return {job["metadata"]["annotations"][STEP_NAME_ANNOTATION_KEY]: job for job in jobs}
 
 
 def _snapshot_id(pod_spec: dict) -> str:
@@ -222,7 +240,8 @@ def _snapshot_id(pod_spec: dict) -> str:
     return args[args.index("--snapshot_id") + 1]
 
 
-def _assert_no_plain_secrets(manifest: dict) -> None:
+def _token_reference(manifest: dict) -> dict:
+    """No credential anywhere in the manifest; returns the secretKeyRef its pod reads ZenML's API token from."""
     text = yaml.safe_dump(manifest)
     for value in (ZENML_API_TOKEN, HF_SECRET_VALUE, HF_ENV_VALUE):
         assert value not in text
@@ -230,7 +249,7 @@ def _assert_no_plain_secrets(manifest: dict) -> None:
     assert "HF_TOKEN" not in env and "token" not in env
     token = env["ZENML_STORE_API_TOKEN"]
     assert "value" not in token
-    assert token["valueFrom"]["secretKeyRef"]["key"] == KUBERNETES_SECRET_TOKEN_KEY_NAME
+    return token["valueFrom"]["secretKeyRef"]
 
 
 def manifest_pod_spec(manifest: dict) -> dict:
@@ -252,12 +271,11 @@ def rendered(k8s_stack, tmp_path_factory):
     orchestrator_job = as_dict(run["jobs"][0])
     cron_job = as_dict(scheduled["cron_jobs"][0])
 
-    # The orchestrator pod's environment is what its step pods start from (ZenML's shared_env).
-    env_of = lambda m: {e["name"]: e.get("value") for e in manifest_pod_spec(m)["containers"][0]["env"]}  # noqa: E731
     steps = {}
     for name, manifest in (("run", orchestrator_job), ("scheduled", cron_job)):
         snapshot = Client().get_snapshot(_snapshot_id(manifest_pod_spec(manifest)))
-        steps[name] = {s: step_job(snapshot, s, env_of(manifest)) for s in snapshot.step_configurations}
+        steps[name] = step_jobs(manifest)
+        assert sorted(steps[name]) == sorted(snapshot.step_configurations)
         steps[name + "_snapshot"] = snapshot
 
     for name, manifest in [("orchestrator-job", orchestrator_job), ("cronjob", cron_job)] + [
@@ -271,7 +289,8 @@ def rendered(k8s_stack, tmp_path_factory):
         "scheduled_steps": steps["scheduled"],
         "snapshot": steps["run_snapshot"],
         "scheduled_snapshot": steps["scheduled_snapshot"],
-        "secrets": run["secrets"] + scheduled["secrets"],
+        "secrets": run["secrets"],
+        "scheduled_secrets": scheduled["secrets"],
         "dir": out,
     }
 
@@ -328,10 +347,17 @@ def test_only_push_retries(rendered):
 
 
 def test_no_secret_in_plain_text(rendered):
-    for manifest in [rendered["orchestrator_job"], rendered["cron_job"], *rendered["steps"].values()]:
-        _assert_no_plain_secrets(manifest)
-    # ZenML moved its API token into a Kubernetes Secret; the Hub token is fetched by the step at run time.
-    assert rendered["secrets"] and all(s["keys"] == [KUBERNETES_SECRET_TOKEN_KEY_NAME] for s in rendered["secrets"])
+    # ZenML moved its API token into a Kubernetes Secret, one per snapshot, in the orchestrator's namespace; every
+    # pod, orchestrator and step alike, reads it from there. The Hub token is fetched by the step at run time.
+    for job, steps, secrets in [
+        (rendered["orchestrator_job"], rendered["steps"], rendered["secrets"]),
+        (rendered["cron_job"], rendered["scheduled_steps"], rendered["scheduled_secrets"]),
+    ]:
+        references = [_token_reference(manifest) for manifest in [job, *steps.values()]]
+        (secret,) = secrets
+        assert secret["keys"] == [KUBERNETES_SECRET_TOKEN_KEY_NAME] and secret["namespace"] == "zenml"
+        assert _snapshot_id(manifest_pod_spec(job)) in secret["name"]
+        assert references == [{"name": secret["name"], "key": KUBERNETES_SECRET_TOKEN_KEY_NAME}] * (1 + len(steps))
     secrets = rendered["snapshot"].pipeline_configuration.secrets
     assert {Client().get_secret(x).name for x in secrets} == {"huggingface"}
 

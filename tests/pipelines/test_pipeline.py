@@ -86,6 +86,9 @@ def test_runs_end_to_end_then_fully_cached_then_data_change_reruns_everything(se
         ("push", "upload_bundle"),
     ]:
         assert run.steps[step].outputs[output][0].id in linked, f"{step}'s {output} is not on the model version"
+    # exactly this run's outputs, every one of them: the version's links are the run's artifacts by id
+    outputs = {a.id: f"{s.name}.{name}" for s in run.steps.values() for name, vs in s.outputs.items() for a in vs}
+    assert linked == set(outputs), ([outputs[i] for i in set(outputs) - linked], linked - set(outputs))
     report = run.steps["evaluate"].outputs["eval_report"][0].load()
     assert report.tuned.loss < report.base.loss
     assert "evaluation" in mv.run_metadata and "training" in mv.run_metadata
@@ -154,6 +157,15 @@ def test_quality_gate_stops_before_merge_and_push(setup):
     statuses = {name: step.status for name, step in run.steps.items()}
     assert statuses["evaluate"] in (ExecutionStatus.COMPLETED, ExecutionStatus.CACHED)
     assert statuses["merge"] == ExecutionStatus.FAILED
-    assert "push" not in statuses or statuses["push"] != ExecutionStatus.COMPLETED
-    logs_hint = run.steps["evaluate"].outputs["eval_report"][0].load()
-    assert not logs_hint.gate_passed
+    assert "push" not in statuses and "promote" not in statuses  # never started: nothing pushed or promoted
+    report = run.steps["evaluate"].outputs["eval_report"][0].load()
+    assert not report.gate_passed
+    assert "min_loss_improvement=0.99) -> FAIL" in "\n".join(report.gate_messages)
+    # the run's model version holds the scores that stopped it, and no stage, push or promotion
+    (version,) = depaginate(Client().list_model_versions, model="tiny-gated")
+    assert version.id == run.model_version.id
+    meta = Client().get_model_version("tiny-gated", version.id).run_metadata
+    assert meta["evaluation"]["gate_passed"] is False
+    assert version.stage is None and not {"push", "promotion"} & set(meta)
+    outputs = {a.artifact.name for a in depaginate(Client().list_artifact_versions, pipeline_run=run.id)}
+    assert not outputs & {"merged_model", "upload_bundle", "push_result", "promotion", "model_history"}, outputs

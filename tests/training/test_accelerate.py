@@ -7,6 +7,7 @@ import json
 from unittest import mock
 
 import pytest
+import torch
 from conftest import TINY_LORA, TINY_TRAIN, instruction_rows
 
 from core.config import LoraSettings, QuantConfig, TrainConfig, validate_config
@@ -40,24 +41,38 @@ def test_num_processes_keeps_the_train_step_and_its_outputs(zenml_home, tmp_path
     assert set(pipeline.invocations["evaluate"].input_artifacts) >= {"adapter"}
 
 
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    """|a - b| / |a| over every adapter tensor together (L2)."""
+    assert a.keys() == b.keys()
+    diff = sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a)
+    return (diff / sum(float((a[k].float() ** 2).sum()) for k in a)) ** 0.5
+
+
 @pytest.mark.slow
 def test_train_step_runs_two_ddp_processes(tmp_path, tiny_source, tiny_splits, monkeypatch):
-    """The step body, outside ZenML: two processes (gloo on CPU) train one adapter together."""
+    """The step body, outside ZenML: two processes (gloo on CPU) train one adapter together. Together: both ranks
+    end with the same weights, and those are what one process training on the global batch (2 x 4 rows) gets, not
+    what it gets from one rank's 4 rows alone. 8 rows unpacked, so every step's global batch is all of them (the
+    ranks' shards and one process's batch hold the same rows, whatever order each sampler draws)."""
     import steps.train as train_step
     from core.runs import registry
+    from core.training import train_adapter
 
     monkeypatch.setattr(train_step, "log_metadata", mock.MagicMock())  # needs a step context
     monkeypatch.setattr(registry, "record", mock.MagicMock(return_value=True))
     monkeypatch.chdir(tmp_path)
-    train_ds, eval_ds = tiny_splits
-    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 2}, checkpoint_dir=str(tmp_path / "ckpt"), num_processes=2)
+    train_ds, eval_ds = tiny_splits[0].select(range(8)), tiny_splits[1]
+    base, lora = resolve_base(tiny_source), LoraSettings(**TINY_LORA)
+    settings = {**TINY_TRAIN, "max_steps": 2, "packing": False}  # micro_batch_size 4 per process
+    cfg = TrainConfig(**settings, checkpoint_dir=str(tmp_path / "ckpt"), num_processes=2)
     adapter, metrics = train_step.train.entrypoint(
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        base=resolve_base(tiny_source),
-        quant=QuantConfig(),
-        lora=LoraSettings(**TINY_LORA),
-        train_cfg=cfg,
+        train_dataset=train_ds, eval_dataset=eval_ds, base=base, quant=QuantConfig(), lora=lora, train_cfg=cfg
     )
     job = adapter.path.parent
     ranks = sorted(json.loads(f.read_text())["rank"] for f in job.glob("rank-*.json"))
@@ -68,3 +83,18 @@ def test_train_step_runs_two_ddp_processes(tmp_path, tiny_source, tiny_splits, m
     logged = train_step.log_metadata.call_args_list[0].kwargs["metadata"]
     assert logged["num_processes"] == 2 and logged["steps"] == 2
     assert registry.record.call_args.args[0]["training"]["num_processes"] == 2
+
+    # all-reduced gradients: rank 1's own copy of the adapter is rank 0's, bit for bit
+    ddp = _weights(adapter.path)
+    rank1 = _weights(job / "adapter-rank1")
+    assert ddp.keys() == rank1.keys() and all(torch.equal(ddp[k], rank1[k]) for k in ddp)
+    # ... and it is one process's adapter trained on the global batch; a rank's half of it gives another adapter
+    one = {}
+    for name, micro_batch_size in (("global", 8), ("alone", 4)):
+        single = TrainConfig(**{**settings, "micro_batch_size": micro_batch_size}, checkpoint_dir=str(tmp_path / name))
+        folder, one[name] = train_adapter(train_ds, eval_ds, base, QuantConfig(), lora, single, tmp_path / name)
+        one[name + "_weights"] = _weights(folder.path)
+    assert _relative_difference(ddp, one["global_weights"]) < 1e-4  # 8e-6 measured
+    assert [s for s, _ in metrics.loss_curve] == [s for s, _ in one["global"].loss_curve] == [1, 2]
+    assert [x for _, x in metrics.loss_curve] == pytest.approx([x for _, x in one["global"].loss_curve], rel=1e-5)
+    assert _relative_difference(ddp, one["alone_weights"]) > 1e-2  # 0.1 measured
