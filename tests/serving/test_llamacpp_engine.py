@@ -319,6 +319,7 @@ def test_through_the_zenml_deployment(zenml_home, gguf_cache, served, reference,
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO_ROOT)  # the server process imports the pipeline from its working directory
         mp.setenv("ZENML_ACTIVE_STACK_ID", stack_id)
+        mp.setenv("ZENML_LOGGING_VERBOSITY", "INFO")  # the server's INFO records, where the child's output goes
         try:
             url = serve_pipeline.with_options(config_path=str(config_path)).deploy(deployment_name=name, timeout=60)
             url = url.url.rstrip("/")
