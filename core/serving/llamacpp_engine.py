@@ -69,7 +69,6 @@ class LlamaCppEngine(Engine):
         model_file: Path,
         loras: dict[str, Path],
         *,
-        base_name: str,
         slots: int,
         ctx_size: int,
         max_queue: int,
@@ -80,7 +79,7 @@ class LlamaCppEngine(Engine):
     ):
         from core.export import llamacpp
 
-        self.model_file, self.base_name = Path(model_file), base_name
+        self.model_file = Path(model_file)
         # llama-server numbers the --lora files in the order given: that order is the id a request names
         self.lora_files = [Path(loras[name]) for name in sorted(loras)]
         self.lora_ids = {name: i for i, name in enumerate(sorted(loras))}

@@ -83,14 +83,15 @@ class ServeConfig(StrictModel):
     # Requests generated together (rows of one batch; core/serving/batching.py). More rows: more tokens/s in total on the
     # same cores, but each row's tokens come slower. 1: one request at a time.
     max_batch_size: int = Field(8, ge=1)
-    # Requests that may wait for a batch; beyond that a request is refused at once (HTTP 503, retry) rather than
-    # queued behind minutes of work.
+    # Requests that may wait for a batch (llama_cpp: for a slot); beyond that a request is refused at once (HTTP 503,
+    # retry) rather than queued behind minutes of work.
     max_queued_requests: int = Field(32, ge=1)
     # Milliseconds the engine waits after the first request of a batch for others sent at the same time.
     batch_wait_ms: float = Field(20.0, ge=0, le=1000)
     # Who generates. transformers: the batch engine above, in this process (any base, 4-bit, GPU). llama_cpp:
     # llama.cpp's llama-server as a child process on loopback, on the version's GGUF with each adapter as a GGUF
-    # LoRA (core/serving/llamacpp_engine.py): ~10x the tokens/s on CPU; needs `make gguf-setup`.
+    # LoRA (core/serving/llamacpp_engine.py): several times the tokens/s on CPU (docs/serving.md); needs
+    # `make gguf-setup`.
     engine: Literal["transformers", "llama_cpp"] = "transformers"
     # llama_cpp: the GGUF type served (the version's gguf_model file of that type, else made on first deploy).
     # f16 answers token for token as transformers does; q8_0 is ~half the bytes per token read, nearly the same.
@@ -389,7 +390,6 @@ def build_llamacpp_served_model(
     engine = llamacpp_engine.LlamaCppEngine(
         gguf_file,
         loras,
-        base_name=BASE_ADAPTER,
         slots=cfg.slots,
         ctx_size=ctx_size,
         max_queue=cfg.max_queued_requests,

@@ -253,7 +253,7 @@ def test_stop_leaves_no_process_and_refuses_after(served):
     from core.serving.batching import EngineStoppedError
     from core.serving.llamacpp_engine import LlamaCppEngine
 
-    engine = LlamaCppEngine(served.engine.model_file, {}, base_name="base", slots=1, ctx_size=128, max_queue=1)
+    engine = LlamaCppEngine(served.engine.model_file, {}, slots=1, ctx_size=128, max_queue=1)
     engine.start()
     pid = engine.pid
     try:
