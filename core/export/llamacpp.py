@@ -2,8 +2,9 @@
 itself (through llama-cpp-python) loads every file to check it against the merged model.
 
     make gguf-setup     # python -m core.export.llamacpp install-runtime (builds llama.cpp: ~13 min on 2 cores the
-                        # first time, then seconds from its own wheel cache), pip install -e ".[gguf]" and
-                        # python -m core.export.llamacpp install-converter
+                        # first time, then seconds from its own wheel cache), pip install -e ".[gguf]",
+                        # python -m core.export.llamacpp install-converter and install-server
+    python -m core.export.llamacpp check   # exit 0 when the runtime, the converter and llama-server are there
 
 - The converter: `convert_hf_to_gguf.py` with its `conversion/` package and the matching `gguf-py`, exactly as
   shipped in the source distribution of the installed llama-cpp-python (`install_converter` copies them into
@@ -12,6 +13,10 @@ itself (through llama-cpp-python) loads every file to check it against the merge
 - The runtime: llama-cpp-python built from its source distribution for this machine's CPU (`GGML_NATIVE`)
   with Intel AMX left out (`BUILD_CMAKE_ARGS`), cached under `~/.cache/lora-pipeline/llama-cpp/` by version,
   build flags and CPU flags, never taken from pip's wheel cache (a wheel built elsewhere or with other flags).
+- The server: llama.cpp's `llama-server` (`server_binary`, for serving with `engine: llama_cpp`,
+  core/serving/llamacpp_engine.py), built from the same source distribution's vendored tree with the same flags,
+  statically linked (~14 min on 2 busy cores at nice 19, 2026-12-06), only the binary kept under
+  `~/.cache/lora-pipeline/llama-cpp/server/<build_key>/`.
 - Quantizing: `llama_cpp.llama_model_quantize` from the f16 file (llama.cpp's recommended source for k-quants).
 - Checking (`check_file`): greedy answers to eval prompts, token for token, and the perplexity of eval rows,
   each against the merged model in transformers (fp32).
