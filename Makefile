@@ -4,7 +4,8 @@
 # make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
 #                  cannot schedule, says so and prints the cron line to use instead
 # make gguf-setup  llama.cpp for GGUF export (quantized Q8_0 / Q4_K_M, checked in llama.cpp): the `gguf`
-#                  extra (builds llama.cpp for this CPU, ~13 min the first time, then cached) and its converter
+#                  extra (builds llama.cpp for this CPU, ~13 min the first time, then cached), its converter, and
+#                  llama-server (serving with engine: llama_cpp; another build, cached the same way)
 # make test-gguf   only the tests that need it (pytest -m gguf: tests/export/test_gguf_llamacpp.py)
 # make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
@@ -103,6 +104,8 @@ $(BIN)/.gguf: $(BIN)/.installed
 	$(BIN)/python -m core.export.llamacpp install-runtime
 	$(BIN)/pip install -q -e ".[dev,gguf]"
 	$(BIN)/python -m core.export.llamacpp install-converter
+	# llama.cpp's llama-server, same flags, for serving with engine: llama_cpp (~5-8 min on 2 cores once, then cached)
+	$(BIN)/python -m core.export.llamacpp install-server
 	touch $@
 
 gguf-setup: $(BIN)/.gguf

@@ -15,6 +15,11 @@ One run, one machine, sequentially (never both at once). Rows:
   client, N client threads each sending its next request as soon as its last one is answered (closed loop), every
   client answering every prompt once. Requests that arrive together are generated in one batch
   (core/serving/batching.py); `openai, 1 client` is the sequential baseline of the concurrent rows.
+- `--engine llama_cpp`: the same deployment with `engine: llama_cpp` (llama.cpp's llama-server as its child, on the
+  `--gguf-type` GGUF of the base and the adapter as a GGUF LoRA), `llama_cpp: openai, N clients` rows.
+- `--engine llama-server`: that llama-server alone (same files, same slots), asked on its own OpenAI endpoint (it
+  renders the chat template itself): `llama-server: openai, N clients`, what llama.cpp gives without the deployment.
+  `--engine transformers llama_cpp llama-server` runs all three, one server at a time.
 Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
 Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
 all requests / the row's wall time from first request to last answer). `same answers` checks the deployment's
@@ -197,21 +202,32 @@ def run_deployment(url: str, prompts: list[str], max_new_tokens: int, in_memory:
     return summarize("deployment-in-memory" if in_memory else "deployment", latencies, tokens, answers)
 
 
-def run_openai(url: str, prompts: list[str], max_new_tokens: int, clients: int) -> dict:
-    """`clients` threads, each asking every prompt once through the OpenAI client, in a closed loop."""
+def run_openai(
+    url: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    clients: int,
+    engine: str = "transformers",
+    system: str | None = None,
+    extra_body: dict | None = None,
+) -> dict:
+    """`clients` threads, each asking every prompt once through the OpenAI client, in a closed loop. `system`: a
+    system message to send (llama-server's own endpoint renders the prompt itself); `extra_body`: its LoRA pick."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
 
     oa = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    head = [{"role": "system", "content": system}] if system else []
 
     def ask(prompt: str) -> tuple[float, int, str]:
         t = time.perf_counter()
         reply = oa.chat.completions.create(
             model="default",
-            messages=[{"role": "user", "content": prompt}],
+            messages=[*head, {"role": "user", "content": prompt}],
             max_tokens=max_new_tokens,
             temperature=0,
+            extra_body=extra_body,
         )
         return time.perf_counter() - t, reply.usage.completion_tokens, reply.choices[0].message.content.strip()
 
@@ -225,14 +241,32 @@ def run_openai(url: str, prompts: list[str], max_new_tokens: int, clients: int) 
     wall = time.perf_counter() - start
     done = [r for per_client in results for r in per_client]
     name = f"openai, {clients} client{'s' if clients > 1 else ''}"
+    if engine != "transformers":
+        name = f"{engine}: {name}"
     row = summarize(name, [r[0] for r in done], [r[1] for r in done], [r[2] for r in results[0]], wall=wall)
-    row["clients"] = clients
+    row["clients"], row["engine"] = clients, engine
     return row
+
+
+def run_llama_server(cfg, base, adapter: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """llama.cpp's own llama-server, the same child the llama_cpp engine runs (same GGUF, LoRA, slots), asked on its
+    own OpenAI endpoint: the speed without the deployment in front."""
+    from core.serving.model import build_served_model
+
+    served = build_served_model(cfg.model_copy(update={"engine": "llama_cpp"}), base, adapter_dirs={"default": adapter})
+    try:
+        lora = {"lora": [{"id": 0, "scale": 1.0}]}
+        return [
+            run_openai(served.engine.url, prompts, max_new_tokens, n, "llama-server", cfg.system_prompt, lora)
+            for n in CLIENTS
+        ]
+    finally:
+        served.engine.stop()
 
 
 def print_table(result: dict) -> None:
     rows = result["rows"]
-    direct = next(r for r in rows if r["row"] == "direct")
+    direct = next((r for r in rows if r["row"] == "direct"), rows[0])
     head = ["row", "requests", "p50 s", "p95 s", "mean s", "tokens", "tokens/s", "p50 vs direct"]
     cells = []
     for r in rows:
@@ -241,13 +275,13 @@ def print_table(result: dict) -> None:
         cells.append([r["row"], r["requests"], *seconds, r["completion_tokens"], f"{r['tokens_per_s']:.1f}", delta])
     print(
         f"\nserve latency: {result['preset']} ({result['model']}), max_new_tokens={result['max_new_tokens']}, "
-        f"{result['device']}, torch threads {result['torch_threads']}"
+        f"{result['device']}, torch threads {result['torch_threads']}, GGUF {result['gguf_type']}"
     )
-    print("\n".join(common.format_table(head, cells, widths=[22, 8, 8, 8, 8, 7, 9, 14], align="<>>>>>>>", sep=" ")))
+    print("\n".join(common.format_table(head, cells, widths=[34, 8, 8, 8, 8, 7, 9, 14], align="<>>>>>>>", sep=" ")))
     for r in rows:
         if "same_answers_as_direct" in r:
             print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
-        if "throughput_vs_sequential" in r and r["clients"] > 1:
+        if r.get("clients", 1) > 1 and "throughput_vs_sequential" in r:
             print(f"{r['row']}: {r['throughput_vs_sequential']:.2f}x the tokens/s of 1 client")
 
 
@@ -257,6 +291,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, help="number of prompts (default: the preset's)")
     ap.add_argument("--max-new-tokens", type=int, help="tokens per answer at most (default: the preset's)")
     ap.add_argument("--threads", type=int, help="torch CPU threads, here and in the server (default: torch's)")
+    ap.add_argument(
+        "--engine",
+        nargs="+",
+        choices=["transformers", "llama_cpp", "llama-server"],
+        default=["transformers"],
+        help="rows to run: transformers (the deployment's batch engine: direct, /invoke and OpenAI rows), llama_cpp "
+        "(the deployment with engine: llama_cpp, OpenAI rows), llama-server (llama.cpp's own server on the same "
+        "GGUF, its OpenAI endpoint)",
+    )
+    ap.add_argument("--gguf-type", choices=["f16", "q8_0", "q4_k_m"], default="q8_0", help="llama_cpp rows' GGUF")
     args = ap.parse_args(argv)
     if args.threads:  # before torch is imported, here and in the server process (it inherits the environment)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -284,8 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         doc = yaml.safe_load(Path(args.serve_config).read_text())
         cfg = ServeConfig.model_validate(doc["on_init_kwargs"]["config"])
         model_desc = f"{cfg.model_name} at {cfg.version or cfg.stage} from the store"
-        served = load_served_model(cfg)
+        served = load_served_model(cfg) if "transformers" in args.engine else None
         preset_name = "serve-config"
+        base = adapter = None
     else:
         if preset["model"] == "tiny":
             from core.config import LoraSettings
@@ -306,7 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
             system_prompt=default.prompt.system_prompt,
             max_new_tokens_limit=max(512, max_new_tokens),
         )
-        served = build_served_model(cfg, base, adapter_dirs={"default": adapter})
+        served = (
+            build_served_model(cfg, base, adapter_dirs={"default": adapter}) if "transformers" in args.engine else None
+        )
         preset_name = args.preset
     prompts = load_prompts(n_prompts)
 
@@ -315,17 +362,27 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"serve-bench-{uuid.uuid4().hex[:6]}"
     rows = []
     try:
-        rows.append(run_direct(served, prompts, max_new_tokens))
+        if "transformers" in args.engine:
+            rows.append(run_direct(served, prompts, max_new_tokens))
         del served  # the server holds its own copy
-        pipe = serve_pipeline.with_options(
-            on_init_kwargs={"config": cfg.model_dump()}, settings={"deployer.local": {"port": None}}
-        )
-        url = pipe.deploy(deployment_name=name, timeout=600).url.rstrip("/")
-        wait_healthy(url)
-        rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
-        rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
-        for clients in CLIENTS:
-            rows.append(run_openai(url, prompts, max_new_tokens, clients))
+        for engine in [e for e in args.engine if e != "llama-server"]:
+            engine_cfg = cfg.model_copy(update={"engine": engine, "gguf_type": args.gguf_type})
+            pipe = serve_pipeline.with_options(
+                on_init_kwargs={"config": engine_cfg.model_dump()}, settings={"deployer.local": {"port": None}}
+            )
+            url = pipe.deploy(deployment_name=name, timeout=600).url.rstrip("/")
+            wait_healthy(url)
+            if engine == "transformers":
+                rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
+                rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
+            for clients in CLIENTS:
+                rows.append(run_openai(url, prompts, max_new_tokens, clients, engine))
+            client.delete_deployment(name, force=True)  # one server at a time: never two engines on the cores
+        if "llama-server" in args.engine:
+            if adapter is None:
+                raise SystemExit("--engine llama-server needs a preset (its adapter folder), not --serve-config")
+            gguf_cfg = cfg.model_copy(update={"gguf_type": args.gguf_type})
+            rows += run_llama_server(gguf_cfg, base, adapter, prompts, max_new_tokens)
     finally:
         try:
             client.delete_deployment(name, force=True)
@@ -333,10 +390,14 @@ def main(argv: list[str] | None = None) -> dict:
             pass
         shutil.rmtree(scratch, ignore_errors=True)
     for r in rows[1:]:
-        if r.get("clients", 1) == 1:
+        if (
+            rows[0]["row"] == "direct"
+            and r.get("clients", 1) == 1
+            and r.get("engine", "transformers") == "transformers"
+        ):
             r["same_answers_as_direct"] = r["answers"] == rows[0]["answers"]
-    sequential = next((r for r in rows if r.get("clients") == 1), None)
-    for r in rows:
+    for r in rows:  # each engine's concurrent rows against its own 1-client row
+        sequential = next((s for s in rows if s.get("clients") == 1 and s.get("engine") == r.get("engine")), None)
         if sequential and r.get("clients"):
             r["throughput_vs_sequential"] = round(r["tokens_per_s"] / sequential["tokens_per_s"], 2)
     result = {
@@ -346,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_new_tokens": max_new_tokens,
         "device": common.device_name(),
         "torch_threads": torch.get_num_threads(),
+        "gguf_type": args.gguf_type,
+        "engines": args.engine,
         **common.versions("torch"),
         "rows": rows,
     }

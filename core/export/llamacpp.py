@@ -2,8 +2,9 @@
 itself (through llama-cpp-python) loads every file to check it against the merged model.
 
     make gguf-setup     # python -m core.export.llamacpp install-runtime (builds llama.cpp: ~13 min on 2 cores the
-                        # first time, then seconds from its own wheel cache), pip install -e ".[gguf]" and
-                        # python -m core.export.llamacpp install-converter
+                        # first time, then seconds from its own wheel cache), pip install -e ".[gguf]",
+                        # python -m core.export.llamacpp install-converter and install-server
+    python -m core.export.llamacpp check   # exit 0 when the runtime, the converter and llama-server are there
 
 - The converter: `convert_hf_to_gguf.py` with its `conversion/` package and the matching `gguf-py`, exactly as
   shipped in the source distribution of the installed llama-cpp-python (`install_converter` copies them into
@@ -12,6 +13,10 @@ itself (through llama-cpp-python) loads every file to check it against the merge
 - The runtime: llama-cpp-python built from its source distribution for this machine's CPU (`GGML_NATIVE`)
   with Intel AMX left out (`BUILD_CMAKE_ARGS`), cached under `~/.cache/lora-pipeline/llama-cpp/` by version,
   build flags and CPU flags, never taken from pip's wheel cache (a wheel built elsewhere or with other flags).
+- The server: llama.cpp's `llama-server` (`server_binary`, for serving with `engine: llama_cpp`,
+  core/serving/llamacpp_engine.py), built from the same source distribution's vendored tree with the same flags,
+  statically linked (~14 min on 2 busy cores at nice 19, 2026-12-06), only the binary kept under
+  `~/.cache/lora-pipeline/llama-cpp/server/<build_key>/`.
 - Quantizing: `llama_cpp.llama_model_quantize` from the f16 file (llama.cpp's recommended source for k-quants).
 - Checking (`check_file`): greedy answers to eval prompts, token for token, and the perplexity of eval rows,
   each against the merged model in transformers (fp32).
@@ -26,6 +31,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -157,6 +163,46 @@ def install_runtime(version: str = VERSION) -> Path:
     return wheel
 
 
+def server_path(version: str = VERSION, cmake_args: str = BUILD_CMAKE_ARGS) -> Path:
+    """Where server_binary() keeps llama.cpp's llama-server for this version, build flags and CPU."""
+    return cache_dir() / "server" / build_key(version, cmake_args) / "llama-server"
+
+
+def server_binary(version: str = VERSION, cmake_args: str = BUILD_CMAKE_ARGS, jobs: int = 2) -> Path:
+    """llama.cpp's own llama-server, built from the vendored tree of llama-cpp-python's source distribution with
+    the runtime's flags (native, no AMX), statically linked, built on first use (~5-8 min on 2 cores) and cached
+    by build_key() like the wheel. Only the binary is kept; it is built in a temporary folder and renamed into
+    place, so a killed build leaves nothing half-made behind."""
+    binary = server_path(version, cmake_args)
+    if binary.exists():
+        return binary
+    archive = source_archive(version)
+    binary.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=binary.parent.parent) as tmp:
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.name.startswith(prefix)], filter="data")
+        src = Path(tmp) / prefix
+        flags = shlex.split(cmake_args)  # the same shlex reading as the wheel build
+        logger.info("building llama-server %s from source (%s)", version, " ".join(flags))
+        subprocess.run(
+            ["cmake", "-S", str(src), "-B", str(src / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF", *flags],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", f"-j{jobs}"], check=True)
+        (built,) = (src / "build").glob("bin/llama-server")
+        staged = Path(tmp) / "llama-server"
+        built.replace(staged)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        staged.replace(binary)
+    return binary
+
+
+def server_available() -> bool:
+    return server_path().exists()
+
+
 def install_converter(dest: Path | None = None) -> Path:
     """Copy the converter of the installed llama-cpp-python's own source distribution (from pip's cache or the
     package index) into `dest` (default tools_dir()). Same version as the runtime, so the two agree on GGUF."""
@@ -195,6 +241,24 @@ def convert(model_dir: Path, out_file: Path, name: str | None = None) -> Path:
         out_file.unlink(missing_ok=True)
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}):\n{tail}")
+    return out_file
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path) -> Path:
+    """llama.cpp's convert_lora_to_gguf.py: a peft LoRA folder as one f16 GGUF LoRA for `base_dir`'s model (only
+    its config is read), loadable with llama-server's --lora."""
+    require()
+    tools = tools_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tools / "gguf-py"), str(tools)]), NO_LOCAL_GGUF="")
+    command = [sys.executable, str(tools / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
+               "--outtype", "f16", "--outfile", str(out_file)]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out_file.exists():
+        out_file.unlink(missing_ok=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"llama.cpp's convert_lora_to_gguf.py failed on {adapter_dir} (exit {proc.returncode}):\n{tail}"
+        )
     return out_file
 
 
@@ -289,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["install-runtime", "install-converter", "check"])
+    parser.add_argument("command", choices=["install-runtime", "install-converter", "install-server", "check"])
     args = parser.parse_args(argv)
     if args.command == "install-runtime":
         print(f"llama-cpp-python installed from {install_runtime()}")
@@ -297,12 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install-converter":
         print(f"llama.cpp converter in {install_converter()}")
         return 0
+    if args.command == "install-server":
+        print(f"llama-server in {server_binary()}")
+        return 0
     try:
         require()
     except LlamaCppMissingError as err:
         print(err)
         return 1
     print(f"llama.cpp ready: runtime and converter ({tools_dir()})")
+    if not server_available():
+        print(
+            f"llama-server not built (serving with engine: llama_cpp needs it): python -m core.export.llamacpp "
+            f"install-server (looked for {server_path()})"
+        )
+        return 1
+    print(f"llama-server ready: {server_path()}")
     return 0
 
 

@@ -38,13 +38,18 @@ class EngineStoppedError(RuntimeError):
     """The engine was stopped; no request is taken any more."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """The generator is down for a moment (llama-server restarting): answered as HTTP 503, retry in a few seconds."""
+
+
 @dataclass
 class Generation:
     """One request to generate for, and what has been generated so far.
 
-    `sink(kind, value)` is called from the worker thread: ("delta", text) for each new piece of text, then exactly
+    `sink(kind, value)` is called from the engine's thread: ("delta", text) for each new piece of text, then exactly
     once ("done", finish_reason) with "stop" (end of turn or a stop string), "length" (max_new_tokens) or
-    "cancelled", or ("error", message).
+    "cancelled", or ("error", message), or ("unavailable", message) when the generator went down meanwhile (the
+    llama.cpp engine's child process: retry).
     """
 
     adapter: str  # a loaded adapter name, or core.serving.model.BASE_ADAPTER / MERGED_ADAPTER
@@ -60,13 +65,58 @@ class Generation:
     sent: int = 0  # characters of `text` already passed to sink
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Tokens generated as the engine counted them, where `tokens` may miss some (llama-server streams a token that
+    # splits a UTF-8 character only as text); None: len(tokens).
+    completion_tokens: int | None = None
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated (the end-of-turn token included), for usage."""
+        return len(self.tokens) if self.completion_tokens is None else self.completion_tokens
 
     def cancel(self) -> None:
         """The client went away: the worker drops this row before its next token."""
         self.cancelled.set()
 
 
-class BatchEngine:
+class Engine:
+    """What the serving code needs of a generation engine (BatchEngine here, core.serving.llamacpp_engine's
+    LlamaCppEngine): `submit` a Generation (QueueFullError, EngineStoppedError, EngineUnavailableError), `stop`,
+    and `stats`; `generate` waits for one."""
+
+    stats: dict
+
+    def submit(self, gen: Generation) -> Generation:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, gen: Generation, timeout: float | None = None) -> Generation:
+        """Submit and wait until it is done (for callers in a worker thread, e.g. the chat step)."""
+        done = threading.Event()
+        errors: list[tuple[str, str]] = []
+        inner = gen.sink
+
+        def sink(kind: str, value: Any) -> None:
+            inner(kind, value)
+            if kind in ("error", "unavailable"):
+                errors.append((kind, value))
+            if kind in ("done", "error", "unavailable"):
+                done.set()
+
+        gen.sink = sink
+        self.submit(gen)
+        if not done.wait(timeout):
+            gen.cancel()
+            raise TimeoutError(f"no answer within {timeout} s")
+        if errors:
+            kind, message = errors[0]
+            raise (EngineUnavailableError if kind == "unavailable" else RuntimeError)(message)
+        return gen
+
+
+class BatchEngine(Engine):
     """The worker that batches Generations over one loaded model (a core.serving.model.ServedModel's)."""
 
     def __init__(
@@ -114,28 +164,6 @@ class BatchEngine:
             self._cv.notify()
         return gen
 
-    def generate(self, gen: Generation, timeout: float | None = None) -> Generation:
-        """Submit and wait until it is done (for callers in a worker thread, e.g. the chat step)."""
-        done = threading.Event()
-        errors: list[str] = []
-        inner = gen.sink
-
-        def sink(kind: str, value: Any) -> None:
-            inner(kind, value)
-            if kind == "error":
-                errors.append(value)
-            if kind in ("done", "error"):
-                done.set()
-
-        gen.sink = sink
-        self.submit(gen)
-        if not done.wait(timeout):
-            gen.cancel()
-            raise TimeoutError(f"no answer within {timeout} s")
-        if errors:
-            raise RuntimeError(errors[0])
-        return gen
-
     def stop(self) -> None:
         with self._cv:
             self._stopped = True
@@ -180,13 +208,9 @@ class BatchEngine:
                         gen.sink("error", f"generation failed: {type(err).__name__}: {err}")
 
     def _finish(self, gen: Generation, reason: str) -> None:
-        gen.finish_reason = reason
         if reason == "cancelled":
             self.stats["cancelled"] += 1
-        elif gen.sent < len(gen.text):
-            gen.sink("delta", gen.text[gen.sent :])
-            gen.sent = len(gen.text)
-        gen.sink("done", reason)
+        finish(gen, reason)
 
     def _decode(self, batch: list[Generation]) -> None:
         self.stats["batches"] += 1
@@ -257,25 +281,40 @@ class BatchEngine:
 
     def _append(self, gen: Generation, token: int) -> bool:
         """Add a token to a row; True when the row is finished (and its sink told so)."""
-        gen.tokens.append(token)
-        if token in self.eos_ids:
-            self._finish(gen, "stop")
-            return True
-        text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in gen.stop) if i >= 0]
-        if hits:
-            gen.text = text[: min(hits)]
-            self._finish(gen, "stop")
-            return True
-        gen.text = text
-        if len(gen.tokens) >= gen.max_new_tokens:
-            self._finish(gen, "length")
-            return True
-        # Hold back what could still become a stop string, and a half-decoded character (U+FFFD).
-        ready = len(text) - max((len(s) - 1 for s in gen.stop), default=0)
-        while ready > gen.sent and text[ready - 1] == "\ufffd":
-            ready -= 1
-        if ready > gen.sent:
-            gen.sink("delta", text[gen.sent : ready])
-            gen.sent = ready
-        return False
+        reason = take_token(gen, token, self.tokenizer, self.eos_ids)
+        if reason is not None:
+            self._finish(gen, reason)
+        return reason is not None
+
+
+def take_token(gen: Generation, token: int, tokenizer, eos_ids: set[int]) -> str | None:
+    """Add a generated token to `gen` (every engine's text rules: end of turn, stop strings, max_new_tokens) and pass
+    on the text that is final; the finish reason ("stop", "length") when this token ends it, else None."""
+    gen.tokens.append(token)
+    if token in eos_ids:
+        return "stop"
+    text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in gen.stop) if i >= 0]
+    if hits:
+        gen.text = text[: min(hits)]
+        return "stop"
+    gen.text = text
+    if len(gen.tokens) >= gen.max_new_tokens:
+        return "length"
+    # Hold back what could still become a stop string, and a half-decoded character (U+FFFD).
+    ready = len(text) - max((len(s) - 1 for s in gen.stop), default=0)
+    while ready > gen.sent and text[ready - 1] == "\ufffd":
+        ready -= 1
+    if ready > gen.sent:
+        gen.sink("delta", text[gen.sent : ready])
+        gen.sent = ready
+    return None
+
+
+def finish(gen: Generation, reason: str) -> None:
+    """Pass on the text not yet sent (unless cancelled), then tell the sink the generation is done."""
+    gen.finish_reason = reason
+    if reason != "cancelled" and gen.sent < len(gen.text):
+        gen.sink("delta", gen.text[gen.sent :])
+        gen.sent = len(gen.text)
+    gen.sink("done", reason)

@@ -1,7 +1,8 @@
 """The serving deployment's server side: the `on_init` hook that loads the model once, and the deployment
 service that checks each request against the loaded model before ZenML starts a run for it.
 
-Used by pipelines/serve_pipeline.py (`on_init=load_server_state`, `deployment_service_class=ChatDeploymentService`).
+Used by pipelines/serve_pipeline.py (`on_init=load_server_state`, `on_cleanup=stop_server_state`,
+`deployment_service_class=ChatDeploymentService`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def load_server_state(config: ServeConfig | None = None) -> Any:
     served = load_served_model(cfg)
     logger.info("serving %s", served.info)
     return served
+
+
+def stop_server_state() -> None:
+    """on_cleanup hook: stop the engine (engine llama_cpp: its llama-server child) when the server shuts down."""
+    try:
+        served = get_or_create_run_context().state
+    except RuntimeError:
+        return
+    if isinstance(served, ServedModel) and served._engine is not None:
+        logger.info("stopping the %s engine", served.config.engine)
+        served._engine.stop()
 
 
 class ChatDeploymentService(PipelineDeploymentService):

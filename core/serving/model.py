@@ -2,8 +2,10 @@
 
 Used by pipelines/serve_pipeline.py (a ZenML deployment: its `on_init` hook calls `load_served_model`,
 each `POST /invoke` runs `steps/chat.py:chat`, which calls `answer`; core/serving/openai/routes.py serves the OpenAI
-endpoints) and by benchmarks/serve_latency.py. Generation itself is core/serving/batching.py's: one engine per server
-batches whatever requests arrive together.
+endpoints) and by benchmarks/serve_latency.py. Generation itself is one engine per server: core/serving/batching.py's
+BatchEngine (`engine: transformers`, batching whatever requests arrive together), or core/serving/llamacpp_engine.py's
+LlamaCppEngine (`engine: llama_cpp`: llama.cpp's llama-server as a child process, on GGUF files; only the tokenizer
+is loaded here, to render prompts as training did).
 
 What gets loaded, from the ZenML Model version named by `ServeConfig` (`model_name` at `stage`, or `version`):
 - load: adapters (default): the base model once, plus every adapter artifact linked to that version, each
@@ -34,11 +36,14 @@ from pydantic import AfterValidator, Field, model_validator
 from core import artifact_names, models
 from core.config import ModelSource, StrictModel
 from core.prompts import check_template
-from core.serving.batching import BatchEngine, Generation
+from core.serving.batching import BatchEngine, Engine, Generation
 
 ADAPTER_ARTIFACT = artifact_names.ADAPTER  # single-task pipeline output (steps/train.py)
 ADAPTER_PREFIX = artifact_names.for_task(artifact_names.ADAPTER, "")  # multi-task outputs: adapter_<task>
 MERGED_ARTIFACT = artifact_names.MERGED_MODEL  # steps/merge.py output
+GGUF_ARTIFACT = (
+    artifact_names.GGUF_MODEL
+)  # steps/export_gguf.py output: the merged model as GGUF (engine llama_cpp, load merged)
 DEFAULT_ADAPTER = "default"  # served name of the artifact `adapter`
 MERGED_ADAPTER = "merged"  # served name of the merged model (load: merged)
 BASE_ADAPTER = "base"  # served name of the base with every adapter disabled (load: adapters)
@@ -80,17 +85,37 @@ class ServeConfig(StrictModel):
     # Requests generated together (rows of one batch; core/serving/batching.py). More rows: more tokens/s in total on the
     # same cores, but each row's tokens come slower. 1: one request at a time.
     max_batch_size: int = Field(8, ge=1)
-    # Requests that may wait for a batch; beyond that a request is refused at once (HTTP 503, retry) rather than
-    # queued behind minutes of work.
+    # Requests that may wait for a batch (llama_cpp: for a slot); beyond that a request is refused at once (HTTP 503,
+    # retry) rather than queued behind minutes of work.
     max_queued_requests: int = Field(32, ge=1)
     # Milliseconds the engine waits after the first request of a batch for others sent at the same time.
     batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    # Who generates. transformers: the batch engine above, in this process (any base, 4-bit, GPU). llama_cpp:
+    # llama.cpp's llama-server as a child process on loopback, on the version's GGUF with each adapter as a GGUF
+    # LoRA (core/serving/llamacpp_engine.py): several times the tokens/s on CPU (docs/serving.md); needs
+    # `make gguf-setup`.
+    engine: Literal["transformers", "llama_cpp"] = "transformers"
+    # llama_cpp: the GGUF type served (the version's gguf_model file of that type, else made on first deploy).
+    # f16 answers token for token as transformers does; q8_0 is ~half the bytes per token read, nearly the same.
+    gguf_type: Literal["f16", "q8_0", "q4_k_m"] = "q8_0"
+    # llama_cpp: llama-server's slots (requests generated together, continuous batching); None: max_batch_size.
+    parallel: int | None = Field(None, ge=1)
+    # llama_cpp: llama-server's KV cache in tokens, shared by all slots (each gets ctx_size / parallel);
+    # None: context_length x parallel, so every slot holds a whole context.
+    ctx_size: int | None = Field(None, ge=64)
 
     @model_validator(mode="after")
     def _4bit_only_with_adapters(self) -> ServeConfig:
         if self.load == "merged" and self.load_in_4bit:
             raise ValueError("load_in_4bit applies to load: adapters (the merged model loads in `dtype`)")
+        if self.engine == "llama_cpp" and self.load_in_4bit:
+            raise ValueError("load_in_4bit applies to engine: transformers (llama_cpp serves gguf_type)")
         return self
+
+    @property
+    def slots(self) -> int:
+        """llama-server's --parallel."""
+        return self.parallel or self.max_batch_size
 
 
 class ServeLoadError(RuntimeError):
@@ -202,7 +227,9 @@ class ServedModel:
     info: dict[str, Any] = field(default_factory=dict)  # model version, base, artifact ids, load seconds
     # Held by the batch engine while it generates: nothing else may change the model (set_adapter) meanwhile.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _engine: BatchEngine | None = None
+    # The engine every request goes through: a BatchEngine made on first use, or (engine: llama_cpp) the
+    # LlamaCppEngine started at load.
+    _engine: Engine | None = None
 
     @property
     def is_peft(self) -> bool:
@@ -211,8 +238,8 @@ class ServedModel:
         return isinstance(self.model, PeftModel)
 
     @property
-    def engine(self) -> BatchEngine:
-        """The one batch engine every request of this server goes through (started on first use)."""
+    def engine(self) -> Engine:
+        """The one engine every request of this server goes through (the batch engine starts on first use)."""
         if self._engine is None:
             cfg = self.config
             self._engine = BatchEngine(
@@ -234,14 +261,18 @@ def build_served_model(
     adapter_dirs: dict[str, Path] | None = None,
     merged_dir: Path | None = None,
     info: dict[str, Any] | None = None,
+    gguf_file: Path | None = None,
 ) -> ServedModel:
-    """Load the base with each adapter under its name (or the merged folder). Plain function: no ZenML needed."""
+    """Load the base with each adapter under its name (or the merged folder). Plain function: no ZenML needed.
+    engine llama_cpp: start llama-server on their GGUF files instead (`gguf_file`: the merged model's, if made)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.config import QuantConfig
     from core.prompts import prompt_format
 
+    if cfg.engine == "llama_cpp":
+        return build_llamacpp_served_model(cfg, base, adapter_dirs, merged_dir, info, gguf_file)
     started = time.perf_counter()
     dtype = models.compute_dtype(cfg.dtype)
     if merged_dir is not None:
@@ -268,13 +299,7 @@ def build_served_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    own = [n for n in names if n != BASE_ADAPTER]  # never `base` by default: the point is the adapters
-    default = cfg.default_adapter or (DEFAULT_ADAPTER if DEFAULT_ADAPTER in own else own[0])
-    if default not in names:
-        raise ServeLoadError(f"default_adapter '{default}' is not loaded; loaded: {', '.join(names)}")
-    unknown = sorted(set(cfg.system_prompts) - set(names))
-    if unknown:
-        raise ServeLoadError(f"system_prompts names adapters that are not loaded: {unknown}; loaded: {names}")
+    default = default_adapter(cfg, names)
     context = cfg.context_length or getattr(model.config, "max_position_embeddings", None)
     context = context or tokenizer.model_max_length
     info = dict(info or {})
@@ -300,6 +325,104 @@ def build_served_model(
     )
 
 
+def default_adapter(cfg: ServeConfig, names: list[str]) -> str:
+    """The adapter a request without `model` gets; checks the config's adapter names against those loaded."""
+    own = [n for n in names if n != BASE_ADAPTER]  # never `base` by default: the point is the adapters
+    default = cfg.default_adapter or (DEFAULT_ADAPTER if DEFAULT_ADAPTER in own else own[0])
+    if default not in names:
+        raise ServeLoadError(f"default_adapter '{default}' is not loaded; loaded: {', '.join(names)}")
+    unknown = sorted(set(cfg.system_prompts) - set(names))
+    if unknown:
+        raise ServeLoadError(f"system_prompts names adapters that are not loaded: {unknown}; loaded: {names}")
+    return default
+
+
+def local_model_dir(src: ModelSource) -> Path:
+    """The base's HF folder on disk (llama.cpp's converters read files): local, bundled, or the Hub's cached copy."""
+    where = models.resolve_model(src)
+    if Path(where).is_dir():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(where, revision=src.revision))
+
+
+def build_llamacpp_served_model(
+    cfg: ServeConfig,
+    base: ModelSource | None,
+    adapter_dirs: dict[str, Path] | None = None,
+    merged_dir: Path | None = None,
+    info: dict[str, Any] | None = None,
+    gguf_file: Path | None = None,
+) -> ServedModel:
+    """engine llama_cpp: the tokenizer here (prompts rendered as training rendered them), the weights in llama-server
+    (core/serving/llamacpp_engine.py): the model as a `gguf_type` GGUF (`gguf_file`, else made once from the HF
+    folder), each adapter as a GGUF LoRA."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from core.prompts import prompt_format
+    from core.serving import llamacpp_engine
+
+    started = time.perf_counter()
+    if merged_dir is not None:
+        model_dir, names, adapter_dirs = Path(merged_dir), [MERGED_ADAPTER], {}
+        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    else:
+        if not adapter_dirs:
+            raise ServeLoadError("no adapters to serve")
+        if base is None:
+            raise ServeLoadError("no base model: set `base` in the serve config")
+        if BASE_ADAPTER in adapter_dirs:
+            raise ServeLoadError(f"an adapter may not be named '{BASE_ADAPTER}' (reserved for the bare base model)")
+        model_dir, names = local_model_dir(base), sorted([*adapter_dirs, BASE_ADAPTER])
+        tokenizer = models.load_tokenizer(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    default = default_adapter(cfg, names)
+    fmt = prompt_format(tokenizer, cfg.template)
+    context = cfg.context_length or getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    context = int(context or tokenizer.model_max_length)
+    ctx_size = cfg.ctx_size or context * cfg.slots
+    context = min(context, ctx_size // cfg.slots)  # each slot holds ctx_size / parallel tokens
+    if gguf_file is None:
+        probe = ServedModel(None, tokenizer, names, default, fmt, context, cfg)
+        checks = [prompt_ids(probe, q, default) for q in llamacpp_engine.CHECK_QUESTIONS]
+        gguf_file = llamacpp_engine.model_gguf(model_dir, cfg.gguf_type, checks)
+    loras = {name: llamacpp_engine.lora_gguf(folder, model_dir) for name, folder in adapter_dirs.items()}
+    engine = llamacpp_engine.LlamaCppEngine(
+        gguf_file,
+        loras,
+        slots=cfg.slots,
+        ctx_size=ctx_size,
+        max_queue=cfg.max_queued_requests,
+    ).start()
+    info = dict(info or {})
+    info.update(
+        {
+            "adapters": names,
+            "default_adapter": default,
+            "engine": "llama_cpp",
+            "gguf": str(gguf_file),
+            "gguf_type": cfg.gguf_type,
+            "llama_server_pid": engine.pid,
+            "context_length": context,
+            "load_seconds": round(time.perf_counter() - started, 2),
+            "loaded_at": int(time.time()),
+        }
+    )
+    return ServedModel(
+        model=None,
+        tokenizer=tokenizer,
+        adapters=names,
+        default_adapter=default,
+        prompt_format=fmt,
+        context_length=context,
+        config=cfg,
+        info=info,
+        _engine=engine,
+    )
+
+
 def load_served_model(cfg: ServeConfig) -> ServedModel:
     """Find the model version in ZenML, fetch its adapters (or merged model), load them once."""
     version = find_model_version(cfg)
@@ -313,7 +436,15 @@ def load_served_model(cfg: ServeConfig) -> ServedModel:
                 "serve its adapters instead (load: adapters)"
             )
         info["artifacts"] = {MERGED_ADAPTER: str(artifacts[MERGED_ARTIFACT].id)}
-        return build_served_model(cfg, None, merged_dir=materialize(artifacts[MERGED_ARTIFACT]), info=info)
+        gguf_file = None
+        if cfg.engine == "llama_cpp" and GGUF_ARTIFACT in artifacts:  # the export step's file, if of that type
+            from core.serving.llamacpp_engine import gguf_of_type
+
+            gguf_file = gguf_of_type(materialize(artifacts[GGUF_ARTIFACT]), cfg.gguf_type)
+            if gguf_file is not None:
+                info["artifacts"][GGUF_ARTIFACT] = str(artifacts[GGUF_ARTIFACT].id)
+        merged_dir = materialize(artifacts[MERGED_ARTIFACT])
+        return build_served_model(cfg, None, merged_dir=merged_dir, info=info, gguf_file=gguf_file)
 
     chosen: dict[str, Any] = {}
     for artifact_name, av in sorted(artifacts.items()):
@@ -435,5 +566,5 @@ def answer(
         "answer": gen.text.strip(),
         "adapter": req.adapter,
         "prompt_tokens": len(req.input_ids),
-        "completion_tokens": len(gen.tokens),
+        "completion_tokens": gen.generated,
     }

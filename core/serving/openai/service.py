@@ -4,7 +4,8 @@ A chat completion goes through four steps:
 1. `parse_chat_request`: the body is checked by the request model (core/serving/openai/protocol.py), then against
    the loaded model: is `model` a served name (404), do the messages, rendered as training rendered them
    (core.serving.model.conversation_ids), and the tokens asked for fit the context.
-2. `submit`: its Generation goes to the server's one batch engine (core/serving/batching.py); a full queue is 503.
+2. `submit`: its Generation goes to the server's one engine (core/serving/batching.py's BatchEngine, or
+   core/serving/llamacpp_engine.py's LlamaCppEngine); a full queue, or llama-server restarting, is 503.
 3. `whole_completion` waits for the end and answers one ChatCompletion, or `stream_chunks` sends each piece of text
    as it comes, as server-sent events in OpenAI's chunk format.
 4. Either way, a request whose client went away leaves its batch (the generation is cancelled).
@@ -24,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from core.serving.batching import EngineStoppedError, Generation, QueueFullError
+from core.serving.batching import EngineStoppedError, EngineUnavailableError, Generation, QueueFullError
 from core.serving.model import ServedModel, conversation_ids
 from core.serving.openai.errors import OpenAIError, invalid_request
 from core.serving.openai.protocol import (
@@ -155,7 +156,17 @@ def submit(served: ServedModel, job: ChatJob) -> asyncio.Queue:
         raise OpenAIError(503, str(err), code="server_overloaded") from None
     except EngineStoppedError as err:
         raise OpenAIError(503, str(err), code="server_stopping") from None
+    except EngineUnavailableError as err:
+        raise OpenAIError(503, str(err), code="engine_unavailable") from None
     return events
+
+
+def failure(kind: str, message: str) -> OpenAIError:
+    """An engine's ("error" | "unavailable", message) event as the error answered: 500, or 503 (retry: the llama.cpp
+    engine's child went down and is restarting)."""
+    if kind == "unavailable":
+        return OpenAIError(503, message, code="engine_unavailable")
+    return OpenAIError(500, message, code="generation_failed")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +181,7 @@ def completion(job: ChatJob) -> ChatCompletion:
 
 
 def usage(job: ChatJob) -> Usage:
-    return Usage.of(len(job.generation.input_ids), len(job.generation.tokens))
+    return Usage.of(len(job.generation.input_ids), job.generation.generated)
 
 
 def chunk(job: ChatJob, delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
@@ -179,34 +190,45 @@ def chunk(job: ChatJob, delta: Delta, finish: str | None = None) -> ChatCompleti
 
 
 async def whole_completion(job: ChatJob, events: asyncio.Queue) -> ChatCompletion:
-    """Wait for the end of the generation; OpenAIError 500 if it failed."""
+    """Wait for the end of the generation; OpenAIError 500 if it failed, 503 if the engine went down meanwhile."""
     try:
         while True:
             kind, value = await events.get()
-            if kind == "error":
-                raise OpenAIError(500, value, code="generation_failed")
+            if kind in ("error", "unavailable"):
+                raise failure(kind, value)
             if kind == "done":
                 return completion(job)
     finally:
         job.cancel_if_running()  # the request was dropped while generating
 
 
-async def stream_chunks(job: ChatJob, events: asyncio.Queue) -> AsyncIterator[str]:
+async def first_event(job: ChatJob, events: asyncio.Queue) -> tuple[str, Any]:
+    """The generation's first event, before a stream starts: a failure before any text is still an HTTP error
+    (a 503 the client can retry) rather than an error inside a 200 stream."""
+    kind, value = await events.get()
+    if kind in ("error", "unavailable"):
+        job.cancel_if_running()
+        raise failure(kind, value)
+    return kind, value
+
+
+async def stream_chunks(job: ChatJob, events: asyncio.Queue, first: tuple[str, Any]) -> AsyncIterator[str]:
     """Server-sent events: the role, each piece of text, the finish reason (then the usage if asked), [DONE]."""
     try:
         yield event(chunk(job, Delta(role="assistant", content="")))
+        kind, value = first
         while True:
-            kind, value = await events.get()
             if kind == "delta":
                 yield event(chunk(job, Delta(content=value)))
-            elif kind == "error":
-                yield event(OpenAIError(500, value, code="generation_failed").body())
+            elif kind in ("error", "unavailable"):
+                yield event(failure(kind, value).body())
                 break
             else:
                 yield event(chunk(job, Delta(), finish=value))
                 if job.request.include_usage:
                     yield event(chunk(job, Delta()).model_copy(update={"choices": [], "usage": usage(job)}))
                 break
+            kind, value = await events.get()
         yield "data: [DONE]\n\n"
     finally:
         job.cancel_if_running()
@@ -223,5 +245,5 @@ async def create_chat_completion(served: ServedModel, body: Any) -> ChatCompleti
     job = parse_chat_request(served, body)
     events = submit(served, job)
     if job.request.stream:
-        return stream_chunks(job, events)
+        return stream_chunks(job, events, await first_event(job, events))
     return await whole_completion(job, events)
