@@ -108,7 +108,7 @@ class LlamaCppEngine(Engine):
         return self._proc.pid if self._proc is not None else None
 
     def command(self, port: int) -> list[str]:
-        from core.training.resources import usable_cpus
+        from core.cpus import usable_cpus
 
         cmd = [str(self.binary), "--model", str(self.model_file), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--parallel", str(self.slots), "--cont-batching", "--ctx-size", str(self.ctx_size)]
