@@ -139,6 +139,7 @@ class BatchEngine(Engine):
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._generating = 0  # rows of the batch being decoded
         # what the engine did, for the service info and the benchmark: batches run, rows per batch, tokens made
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0, "refused": 0, "cancelled": 0}
 
@@ -164,6 +165,11 @@ class BatchEngine(Engine):
             self._cv.notify()
         return gen
 
+    @property
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self._waiting) + self._generating
+
     def stop(self) -> None:
         with self._cv:
             self._stopped = True
@@ -188,6 +194,7 @@ class BatchEngine(Engine):
                     self._finish(gen, "cancelled")
                 else:
                     batch.append(gen)
+            self._generating = len(batch)  # counted from the moment they leave the queue
         return batch
 
     def _run(self) -> None:
@@ -206,6 +213,8 @@ class BatchEngine(Engine):
                     if gen.finish_reason is None:
                         gen.finish_reason = "error"
                         gen.sink("error", f"generation failed: {type(err).__name__}: {err}")
+            finally:
+                self._generating = 0
 
     def _finish(self, gen: Generation, reason: str) -> None:
         if reason == "cancelled":
@@ -231,6 +240,7 @@ class BatchEngine(Engine):
         cache = DynamicCache()
         step_ids, step_positions = ids, positions
         while rows:
+            self._generating = len(rows)
             extra = {"adapter_names": [self._row_adapter(g) for g in rows]} if self.is_peft else {}
             out = self.model(
                 input_ids=step_ids,

@@ -286,6 +286,10 @@ class LlamaCppEngine(Engine):
         threading.Thread(target=self._run, args=(gen,), name="llama-request", daemon=True).start()
         return gen
 
+    @property
+    def in_flight(self) -> int:
+        return self._active
+
     def payload(self, gen: Generation) -> dict[str, Any]:
         """The /completion body: token-id prompt, OpenAI's sampling only (top_p, then temperature; 0: greedy).
         An adapter name not among the LoRAs (the base, the merged model) applies none (all at scale 0)."""
