@@ -216,9 +216,13 @@ def assert_openai_error(status: int, headers: dict, got: dict, want_status: int,
 
 def idle(served) -> None:
     wait_for(lambda: served.engine.in_flight == 0, 30, f"the engine idle (in_flight {served.engine.in_flight})")
-    if is_llama(served):
-        slots = requests.get(served.engine.url + "/slots", timeout=5).json()
-        assert slots and not any(s["is_processing"] for s in slots), slots
+    if is_llama(served):  # llama-server frees a slot once it notices its client (the engine) went away
+
+        def slots_idle() -> bool:
+            slots = requests.get(served.engine.url + "/slots", timeout=5).json()
+            return bool(slots) and not any(s["is_processing"] for s in slots)
+
+        wait_for(slots_idle, 20, "llama-server's slots idle")
 
 
 # ---------------------------------------------------------------------------------------------------------------
