@@ -179,6 +179,13 @@ def is_llama(served) -> bool:
     return isinstance(served.engine, LlamaCppEngine)
 
 
+@pytest.fixture(autouse=True)
+def healthy(served):
+    """Each test starts with llama-server up (a failed test may leave it restarting)."""
+    if is_llama(served):
+        wait_for(served.engine.health, 120, "llama-server up")
+
+
 @contextlib.contextmanager
 def tapped(served, on_delta):
     """Every generation submitted in the block calls `on_delta(gen)` in the engine's thread after each piece of text
