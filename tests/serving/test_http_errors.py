@@ -54,6 +54,7 @@ ENGINES = [
         id="llama_cpp",
         marks=[
             pytest.mark.gguf,
+            pytest.mark.integration,  # starts llama-server (a child process on loopback): make test-integration
             pytest.mark.skipif(
                 NO_LLAMA, reason="llama.cpp not installed: make gguf-setup (runtime, converter and llama-server)"
             ),

@@ -28,6 +28,7 @@ from core.serving.model import ServeConfig, build_served_model, prompt_ids
 
 pytestmark = [
     pytest.mark.gguf,
+    pytest.mark.integration,  # starts llama-server (a child process on loopback): make test-integration
     pytest.mark.skipif(
         not (llamacpp.available() and llamacpp.server_available()),
         reason="llama.cpp not installed: make gguf-setup (runtime, converter and llama-server)",
