@@ -302,27 +302,9 @@ def build_served_model(
     default = default_adapter(cfg, names)
     context = cfg.context_length or getattr(model.config, "max_position_embeddings", None)
     context = context or tokenizer.model_max_length
-    info = dict(info or {})
-    info.update(
-        {
-            "adapters": names,
-            "default_adapter": default,
-            "dtype": str(dtype).replace("torch.", ""),
-            "context_length": int(context),
-            "load_seconds": round(time.perf_counter() - started, 2),
-            "loaded_at": int(time.time()),
-        }
-    )
-    return ServedModel(
-        model=model,
-        tokenizer=tokenizer,
-        adapters=names,
-        default_adapter=default,
-        prompt_format=prompt_format(tokenizer, cfg.template),
-        context_length=int(context),
-        config=cfg,
-        info=info,
-    )
+    fmt = prompt_format(tokenizer, cfg.template)
+    facts = {"dtype": str(dtype).replace("torch.", "")}
+    return _loaded(cfg, model, tokenizer, names, default, fmt, int(context), info, started, facts)
 
 
 def default_adapter(cfg: ServeConfig, names: list[str]) -> str:
@@ -396,22 +378,25 @@ def build_llamacpp_served_model(
         ctx_size=ctx_size,
         max_queue=cfg.max_queued_requests,
     ).start()
-    info = dict(info or {})
-    info.update(
-        {
-            "adapters": names,
-            "default_adapter": default,
-            "engine": "llama_cpp",
-            "gguf": str(gguf_file),
-            "gguf_type": cfg.gguf_type,
-            "llama_server_pid": engine.pid,
-            "context_length": context,
-            "load_seconds": round(time.perf_counter() - started, 2),
-            "loaded_at": int(time.time()),
-        }
-    )
+    facts = {"engine": "llama_cpp", "gguf": str(gguf_file), "gguf_type": cfg.gguf_type, "llama_server_pid": engine.pid}
+    return _loaded(cfg, None, tokenizer, names, default, fmt, context, info, started, facts, engine)
+
+
+def _loaded(
+    cfg, model, tokenizer, names, default, fmt, context: int, info, started: float, facts: dict, engine=None
+) -> ServedModel:
+    """The ServedModel either engine loaded, its info extended with what was loaded and how long it took (s)."""
+    info = {
+        **(info or {}),
+        "adapters": names,
+        "default_adapter": default,
+        **facts,
+        "context_length": context,
+        "load_seconds": round(time.perf_counter() - started, 2),
+        "loaded_at": int(time.time()),
+    }
     return ServedModel(
-        model=None,
+        model=model,
         tokenizer=tokenizer,
         adapters=names,
         default_adapter=default,
