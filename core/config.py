@@ -56,6 +56,9 @@ class ModelSource(StrictModel):
         return self
 
 
+PREFERENCE_FORMATS = ("pairs", "unpaired")  # preference data, read by train.preference.data alone
+
+
 class DataSource(StrictModel):
     """Where the instruction data comes from and how its columns map to ours."""
 
@@ -73,10 +76,14 @@ class DataSource(StrictModel):
     revision: str | None = Field(
         None, description="Hub dataset branch, tag or commit; pin a commit so a rerun reads the same rows."
     )
-    format: Literal["instruction", "chat", "sharegpt"] = Field(
+    format: Literal["instruction", "chat", "sharegpt", "pairs", "unpaired"] = Field(
         "instruction",
         description="instruction: instruction/input/output columns; chat: one messages column of {role, content} "
-        'turns; sharegpt: a `conversations` column of {"from": "human"|"gpt"|"system", "value": ...} turns.',
+        'turns; sharegpt: a `conversations` column of {"from": "human"|"gpt"|"system", "value": ...} turns. '
+        "Preference data (train.preference.data): pairs: prompt/chosen/rejected columns, each text or chat turns "
+        "(UltraFeedback's shape), or chosen/rejected alone holding whole dialogues (Anthropic HH's "
+        '"\\n\\nHuman: ... \\n\\nAssistant: ..." text or chat turns); unpaired: prompt/completion/label '
+        "(label true: a desirable answer), KTO's binary feedback.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -108,9 +115,15 @@ class DataSource(StrictModel):
     def _columns_known(self) -> DataSource:
         if self.format == "instruction" and (self.turn_keys or self.roles):
             raise ValueError("turn_keys and roles apply to format chat or sharegpt, not instruction")
-        allowed = {"instruction": {"instruction", "input", "output"}, "chat": {"messages"}, "sharegpt": {"messages"}}[
-            self.format
-        ]
+        if self.format in PREFERENCE_FORMATS and self.mix:
+            raise ValueError(f"format {self.format!r} is preference data (train.preference.data): it takes no mix")
+        allowed = {
+            "instruction": {"instruction", "input", "output"},
+            "chat": {"messages"},
+            "sharegpt": {"messages"},
+            "pairs": {"prompt", "chosen", "rejected"},
+            "unpaired": {"prompt", "completion", "label"},
+        }[self.format]
         unknown = sorted(set(self.columns) - allowed)
         if unknown:
             raise ValueError(
@@ -302,6 +315,66 @@ class ReplayConfig(StrictModel):
             raise ValueError("the replay source is one plain source: no mix, eval_path or eval_split")
         return data
 
+BUNDLED_PREFERENCE = "data/acme_preference/train.jsonl"  # Acme support answer pairs (its README.md)
+
+
+class PreferenceConfig(StrictModel):
+    """The preference stage (train.method dpo, kto or orpo; core/training/preference.py): its data, where it starts,
+    the method's settings and its own schedule. Everything else (optimizer, scheduler, checkpoints, seed, threads)
+    is train's."""
+
+    data: DataSource = Field(
+        default_factory=lambda: DataSource(
+            path=BUNDLED_PREFERENCE, eval_path="data/acme_preference/eval.jsonl", format="pairs"
+        ),
+        description="The preference rows: format pairs (dpo, orpo) or unpaired (kto; pairs also work there, each "
+        "pair giving one desirable and one undesirable row). Held-out pairs come from eval_path/eval_split, else "
+        "prompt.eval_fraction of the prompts.",
+    )
+    start_from: Literal["sft", "base", "staging", "production"] | Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="The adapter the stage continues: sft: the one this run's SFT stage trains first (on `data`, "
+        "with train's settings); base: a new adapter on the base; staging / production / a version number: the "
+        "adapter of that version of this run's ZenML model. The reference (dpo, kto) is where it starts: the "
+        "adapter-disabled base, or a frozen copy of the starting adapter's LoRA weights (the base weights are "
+        "shared, never copied). null: sft for dpo and kto, base for orpo (it needs no reference and no SFT stage).",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="How far the policy may move from the reference (dpo, kto) or the weight of the odds-ratio "
+        "term (orpo, its lambda): the reward is beta * (log pi - log pi_ref).",
+    )
+    loss_type: str | None = Field(
+        None,
+        description="trl's loss of the method: dpo sigmoid (default), ipo, hinge, robust, ...; kto kto (default) "
+        "or apo_zero_unpaired. null: the method's default.",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="kto: weight of the desirable rows' loss (raise it when they are the fewer)."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable rows' loss.")
+    learning_rate: float = Field(
+        5e-5, gt=0, description="The stage's peak learning rate (preference stages take far smaller ones than SFT)."
+    )
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the preference rows (when max_steps is -1).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps of the stage; -1: run num_epochs instead.")
+    micro_batch_size: int = Field(
+        4, ge=1, description="Pairs (dpo, orpo) or rows (kto, at least 2: its KL estimate mismatches rows) per step."
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(
+        256, ge=16, description="The longest prompt + answer in tokens; longer rows fail validation (no truncation)."
+    )
+
+    @model_validator(mode="after")
+    def _data_is_preference(self) -> PreferenceConfig:
+        if self.data.format not in PREFERENCE_FORMATS:
+            raise ValueError(
+                f"train.preference.data.format is {self.data.format!r}: preference data is pairs or unpaired"
+            )
+        return self
+
 
 class TrainConfig(StrictModel):
     """The training run (trl's SFTTrainer, core/training/): its length, batches, optimizer, checkpoints and evals."""
@@ -420,6 +493,37 @@ class TrainConfig(StrictModel):
         description="General rows mixed into training so the model keeps what it knew (replay, self-synthesized "
         "rehearsal, a KL term to the base); null: train on the task data alone.",
     )
+    method: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on `data`. dpo / kto / orpo: a preference stage on "
+        "train.preference.data (trl's DPOTrainer, KTOTrainer, ORPOTrainer) after the SFT stage or from the adapter "
+        "train.preference.start_from names; docs/preference.md.",
+    )
+    preference: PreferenceConfig | None = Field(
+        None, description="The preference stage's data and settings; needed by method dpo, kto and orpo."
+    )
+
+    def preference_start(self) -> str | int | None:
+        """Where the preference stage starts (start_from, its null resolved by method); None for sft."""
+        if self.preference is None:
+            return None
+        if self.preference.start_from is not None:
+            return self.preference.start_from
+        return "base" if self.method == "orpo" else "sft"
+
+    @model_validator(mode="after")
+    def _preference_needs_settings(self) -> TrainConfig:
+        if self.method != "sft" and self.preference is None:
+            raise ValueError(f"train.method {self.method} needs train.preference (its data and settings)")
+        if self.method == "sft" and self.preference is not None:
+            raise ValueError("train.preference is set but train.method is sft: set method dpo, kto or orpo")
+        if self.method == "kto" and self.preference.micro_batch_size < 2:
+            raise ValueError("kto needs train.preference.micro_batch_size >= 2 (its KL estimate pairs other rows)")
+        if self.method == "dpo" and self.preference.data.format == "unpaired":
+            raise ValueError("dpo trains on pairs: train.preference.data.format unpaired is kto's")
+        if self.method == "orpo" and self.preference.data.format == "unpaired":
+            raise ValueError("orpo trains on pairs: train.preference.data.format unpaired is kto's")
+        return self
 
     @model_validator(mode="after")
     def _best_checkpoint_needs_evals(self) -> TrainConfig:
@@ -465,6 +569,20 @@ class GateConfig(StrictModel):
         ge=0,
         description="Forgetting, on the general-ability probe (evaluate.general): how far the fine-tuned model's mean "
         "response-token loss there may rise, as a fraction of the base's (0.1: +10%). null: not checked.",
+    )
+    min_preference_accuracy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Preference runs (train.method dpo/kto/orpo): the lowest share of held-out pairs whose chosen "
+        "answer the tuned model ranks above the rejected one (by log-likelihood). null: not checked.",
+    )
+    max_preference_accuracy_drop: float | None = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Preference runs: how far that accuracy may fall below the adapter the stage started from (the "
+        "SFT adapter, or the base), absolute; 0: must not regress. null: not checked.",
     )
     max_general_em_drop: float | None = Field(
         0.15,
