@@ -180,6 +180,48 @@ class Difference(BaseModel):
     resamples: int
 
 
+class PreferenceScores(BaseModel):
+    """One model on the held-out preference pairs (core/evaluation/preference.py)."""
+
+    accuracy: float  # share of pairs whose chosen answer has the higher summed log-likelihood, 0..1
+    logp_margin: float  # mean log p(chosen) - log p(rejected), nats
+    reward_margin: float  # mean DPO reward margin vs the base: beta * (margin - base's margin); base: 0
+
+
+class PreferenceEval(BaseModel):
+    """Base, the adapter the preference stage started from, and the tuned adapter on held-out pairs."""
+
+    rows: int
+    beta: float
+    start_name: str  # "SFT adapter", "base", "staging (version 3)", ...
+    base: PreferenceScores
+    start: PreferenceScores
+    tuned: PreferenceScores
+    accuracy_intervals: dict[str, Difference]  # base / start / tuned accuracy, each with its 95% interval
+    tuned_minus_start: Difference  # accuracy, paired
+    tuned_minus_base: Difference
+
+    def to_html(self) -> str:
+        def ci(d: Difference) -> str:
+            return f"{d.delta:.3f} (95% CI {d.low:.3f} to {d.high:.3f})"
+
+        rows = [
+            [name, ci(self.accuracy_intervals[key]), f"{s.logp_margin:+.3f}", f"{s.reward_margin:+.4f}"]
+            for name, key, s in (
+                ("base", "base", self.base),
+                (f"start: {self.start_name}", "start", self.start),
+                ("tuned", "tuned", self.tuned),
+            )
+        ]
+        d = self.tuned_minus_start
+        return (
+            f"<h3>Preferences on {self.rows} held-out pairs</h3>"
+            + html_table(["model", "preference accuracy", "mean log-lik margin (nats)", "mean reward margin"], rows)
+            + f"<p>tuned - start accuracy: {d.delta:+.3f} (95% CI {d.low:+.3f} to {d.high:+.3f}, {d.resamples} "
+            f"paired resamples); reward margins use beta {self.beta} against the base.</p>"
+        )
+
+
 class EvalReport(HtmlReport):
     eval_rows: int
     eval_dataset_hash: str  # scores are comparable only on the same held-out data
@@ -200,6 +242,8 @@ class EvalReport(HtmlReport):
     general_tuned: ModelScores | None = None
     general_differences: dict[str, Difference] = Field(default_factory=dict)
     general_samples: list[Sample] = Field(default_factory=list)
+    # preference runs (train.method dpo/kto/orpo): held-out pairs for base, start and tuned; None otherwise
+    preference: PreferenceEval | None = None
 
     def to_html(self) -> str:
         generated = len(self.samples)
@@ -223,6 +267,8 @@ class EvalReport(HtmlReport):
             )
             if forgotten or learned:
                 parts.append("<h4>Probe answers that changed exactness</h4>" + sample_table(forgotten + learned))
+        if self.preference is not None:
+            parts.append(self.preference.to_html())
         parts.append(f"<h3>Side by side: the {generated} generated answers</h3>{sample_table(self.samples)}")
         return "".join(parts)
 

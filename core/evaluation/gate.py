@@ -2,7 +2,8 @@
 
 - apply_gate (run by evaluate): the candidate must beat the base, and the model version at
   `evaluate.gate.compare_with_stage` when it was scored on the same eval data, by the configured margins, on
-  enough held-out rows, without forgetting too much on the general-ability probe.
+  enough held-out rows, without forgetting too much on the general-ability probe; a preference run must also rank
+  enough held-out pairs right and no fewer than the adapter it started from.
   The verdict and its reasons are stored in the EvalReport.
 - enforce_gate (run by merge, before anything is merged, and by summarize_tasks): a failed gate stops the
   run with QualityGateError, or only warns under `gate.on_fail: warn`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from core.config import GateConfig
-from core.reports import EvalReport, ModelScores
+from core.reports import EvalReport, ModelScores, PreferenceEval
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ def apply_gate(
     gate: GateConfig,
     eval_rows: int | None = None,
     general: tuple[ModelScores, ModelScores] | None = None,
+    preference: PreferenceEval | None = None,
 ) -> tuple[bool, list[str]]:
     """Candidate must beat every reference by the configured margins, on at least gate.min_eval_rows held-out rows,
-    and on the general-ability probe (`general`: base's and its scores) lose no more than the forgetting margins;
-    returns (passed, reasons)."""
+    on the general-ability probe (`general`: base's and its scores) lose no more than the forgetting margins, and on
+    held-out preference pairs (`preference`) meet the preference margins; returns (passed, reasons)."""
     passed, messages = True, []
     if eval_rows is not None:
         ok = eval_rows >= gate.min_eval_rows
@@ -82,6 +84,32 @@ def apply_gate(
                 f"general-ability exact match {candidate.exact_match:.4f} vs base {base.exact_match:.4f}: needs >= "
                 f"{min_em:.4f} (max_general_em_drop={gate.max_general_em_drop}) -> {'ok' if ok else 'FAIL'}"
             )
+    if preference is not None:
+        ok, lines = preference_checks(preference, gate)
+        passed &= ok
+        messages += lines
+    return passed, messages
+
+
+def preference_checks(preference: PreferenceEval, gate: GateConfig) -> tuple[bool, list[str]]:
+    """min_preference_accuracy, and max_preference_accuracy_drop against the adapter the stage started from."""
+    passed, messages, accuracy = True, [], preference.tuned.accuracy
+    if gate.min_preference_accuracy is not None:
+        ok = accuracy >= gate.min_preference_accuracy - 1e-9
+        passed &= ok
+        messages.append(
+            f"preference accuracy {accuracy:.4f} on {preference.rows} held-out pairs: needs >= "
+            f"{gate.min_preference_accuracy:.4f} (min_preference_accuracy) -> {'ok' if ok else 'FAIL'}"
+        )
+    if gate.max_preference_accuracy_drop is not None:
+        floor = preference.start.accuracy - gate.max_preference_accuracy_drop
+        ok = accuracy >= floor - 1e-9
+        passed &= ok
+        messages.append(
+            f"preference accuracy {accuracy:.4f} vs {preference.start_name} {preference.start.accuracy:.4f}: needs >= "
+            f"{floor:.4f} (max_preference_accuracy_drop={gate.max_preference_accuracy_drop}) -> "
+            f"{'ok' if ok else 'FAIL'}"
+        )
     return passed, messages
 
 

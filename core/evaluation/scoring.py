@@ -7,7 +7,9 @@ with the adapter merged in: that is what the FP16 merge ships. Scores:
 - greedy answers on the first `evaluate.num_generate` rows, scored by ROUGE-L F1
   (the `rouge_score` package), exact match against the reference and BLEU (sacrebleu);
 - the same on the general-ability probe set (`evaluate.general`, every row generated):
-  what the fine-tuned model may have forgotten.
+  what the fine-tuned model may have forgotten;
+- for a preference run, preference accuracy and reward margins on held-out pairs for the base, the adapter the
+  stage started from and the tuned one (core/evaluation/preference.py).
 
 The quality gate compares the candidate with the base, and with the model
 version currently at `gate.compare_with_stage` when one exists and was scored
@@ -21,6 +23,7 @@ import math
 import re
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -32,7 +35,7 @@ from core.config import EvalConfig, ModelSource
 from core.evaluation.gate import apply_gate
 from core.models import BaseModelRef
 from core.prompts import IGNORE
-from core.reports import Difference, EvalReport, ModelScores, Sample
+from core.reports import Difference, EvalReport, ModelScores, PreferenceEval, Sample
 from core.tensors import pad
 
 T = TypeVar("T")
@@ -232,6 +235,17 @@ def _samples(ds: Dataset, base_answers: list[str], tuned_answers: list[str]):
     return samples, base_rows, tuned_rows
 
 
+@dataclass(frozen=True)
+class PreferenceInputs:
+    """What a preference run's evaluation adds: held-out pairs, the adapter the stage started from (None: the
+    base) and its name in the report, and the method's beta for the reward margin."""
+
+    pairs: Dataset
+    start_adapter: ModelFolder | None
+    start_name: str
+    beta: float
+
+
 def evaluate_adapter(
     adapter: ModelFolder,
     eval_ds: Dataset,
@@ -239,9 +253,11 @@ def evaluate_adapter(
     cfg: EvalConfig,
     stage_reference: tuple[str, ModelScores] | None = None,
     general_ds: Dataset | None = None,
+    preference: PreferenceInputs | None = None,
 ) -> EvalReport:
     """Base and fine-tuned scores on `eval_ds` (and on the general-ability probe `general_ds`: every row's loss and
-    greedy answer), and the gate against the base (and `stage_reference`)."""
+    greedy answer; and, for a preference run, on its held-out pairs), and the gate against the base (and
+    `stage_reference`)."""
     from peft import PeftModel
 
     tokenizer = models.load_tokenizer(model)
@@ -254,12 +270,16 @@ def evaluate_adapter(
     base_general = score_model(base, tokenizer, general_ds, probe_cfg) if general_ds is not None else None
     # Folded into the weights, the adapter costs nothing per token: generation runs as fast as the base's.
     # (merge_and_unload changes `base` in place: every base score is taken above.)
-    tuned_model = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload().eval()
+    peft_model = PeftModel.from_pretrained(base, str(adapter.path)).eval()
+    preferences = score_preferences(peft_model, tokenizer, preference, cfg) if preference is not None else None
+    tuned_model = peft_model.merge_and_unload().eval()
     tuned, tuned_answers, tuned_losses = score_model(tuned_model, tokenizer, eval_ds, cfg)
     tuned_general = score_model(tuned_model, tokenizer, general_ds, probe_cfg) if general_ds is not None else None
     references = [("base", base_scores)] + ([stage_reference] if stage_reference else [])
     general = (base_general[0], tuned_general[0]) if general_ds is not None else None
-    passed, messages = apply_gate(tuned, references, cfg.gate, eval_rows=len(eval_ds), general=general)
+    passed, messages = apply_gate(
+        tuned, references, cfg.gate, eval_rows=len(eval_ds), general=general, preference=preferences
+    )
     samples, base_rows, tuned_rows = _samples(eval_ds, base_answers, tuned_answers)
     differences = paired_bootstrap(
         base_losses, tuned_losses, base_rows, tuned_rows, cfg.bootstrap_resamples, cfg.bootstrap_seed
@@ -292,5 +312,32 @@ def evaluate_adapter(
         gate_messages=messages,
         samples=samples,
         differences=differences,
+        preference=preferences,
         **probe,
     )
+
+
+def score_preferences(peft_model, tokenizer, preference: PreferenceInputs, cfg: EvalConfig) -> PreferenceEval:
+    """The held-out pairs scored by the base, the start adapter and the tuned one, all on `peft_model`'s weights
+    (the start adapter is loaded next to the tuned one for this, and removed after)."""
+    from core.evaluation.preference import START_ADAPTER, evaluate_preferences
+
+    start = preference.start_adapter
+    if start is not None:
+        peft_model.load_adapter(str(start.path), adapter_name=START_ADAPTER)
+    try:
+        return evaluate_preferences(
+            peft_model,
+            tokenizer,
+            preference.pairs,
+            start_name=preference.start_name,
+            has_start_adapter=start is not None,
+            beta=preference.beta,
+            batch_size=cfg.batch_size,
+            resamples=cfg.bootstrap_resamples,
+            seed=cfg.bootstrap_seed,
+        )
+    finally:
+        if start is not None:
+            peft_model.set_adapter("default")
+            peft_model.delete_adapter(START_ADAPTER)
