@@ -941,34 +941,43 @@ class Candidate(StrictModel):
     """Which adapter of a run a train or evaluate step works on: the run's only one, a task's, or a sweep point's.
 
     It names the step's output artifacts (adapter / adapter_<task> / sweep_adapter_<point>, likewise
-    train_metrics and eval_report), its step id (train / train_<task> / train_<point>), and keys the cache:
-    two tasks with the same data and settings still get one adapter each.
+    train_metrics and eval_report; a preference run's SFT stage: sft_adapter, sft_train_metrics), its step id
+    (train / train_<task> / train_<point> / train_sft), and keys the cache: two tasks with the same data and
+    settings still get one adapter each.
     """
 
-    kind: Literal["single", "task", "point"] = Field(
-        "single", description="single: a run's only adapter; task: a task's; point: a sweep point's."
+    kind: Literal["single", "task", "point", "sft_stage"] = Field(
+        "single",
+        description="single: a run's only adapter; task: a task's; point: a sweep point's; sft_stage: the SFT "
+        "adapter a preference run trains first (its preference stage's adapter is the run's, kind single).",
     )
     name: str = Field("", description='The task name or sweep point id; "" for a single run.')
 
     @model_validator(mode="after")
     def _named(self) -> Candidate:
-        if (self.kind == "single") != (self.name == ""):
-            raise ValueError(f"candidate {self.kind!r} {'takes no' if self.kind == 'single' else 'needs a'} name")
+        unnamed = self.kind in ("single", "sft_stage")
+        if unnamed != (self.name == ""):
+            raise ValueError(f"candidate {self.kind!r} {'takes no' if unnamed else 'needs a'} name")
         return self
 
     def substitutions(self) -> dict[str, str]:
         """Fill the output-name templates `{prefix}adapter{suffix}`, ... (ZenML step `substitutions`)."""
-        return {"prefix": "sweep_" if self.kind == "point" else "", "suffix": f"_{self.name}" if self.name else ""}
+        prefix = {"point": "sweep_", "sft_stage": "sft_"}.get(self.kind, "")
+        return {"prefix": prefix, "suffix": f"_{self.name}" if self.name else ""}
 
     def artifact(self, name: str) -> str:
         """This candidate's name for an output, e.g. artifact("adapter") -> adapter_support."""
         return "{prefix}{name}{suffix}".format(name=name, **self.substitutions())
 
     def step_id(self, step: str) -> str:
+        if self.kind == "sft_stage":
+            return f"{step}_sft"
         return f"{step}_{self.name}" if self.name else step
 
     @property
     def label(self) -> str:
+        if self.kind == "sft_stage":
+            return "SFT stage"
         return f"{self.kind} {self.name}" if self.name else "training"
 
 
@@ -1048,6 +1057,10 @@ class PipelineConfig(StrictModel):
                 problems.append("export.enabled converts a single run's merged model; a multi-task run merges nothing")
         if (self.tasks or self.sweep) and self.train.num_processes > 1:
             problems.append("train.num_processes > 1 is for single runs; each task or sweep point trains in 1 process")
+        if (self.tasks or self.sweep) and self.train.method != "sft":
+            problems.append(f"train.method {self.train.method} is for single runs; tasks and sweeps train with sft")
+        if self.train.method != "sft" and self.train.num_processes > 1:
+            problems.append(f"train.method {self.train.method} trains in 1 process (train.num_processes: 1)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -4,6 +4,7 @@ ingest -> validate -> format_prompts -> [mix_data ->] train -> evaluate -> merge
                                         load_probe -----^---------^   (evaluate.general: the forgetting check)
 ingest_replay -> validate_replay [-> synthesize_rehearsal] -> format_replay -^   (train.replay)
 ingest_mix_<name> -> validate_mix_<name> -> format_mix_<name> ----------------^   (data.mix)
+train.method dpo / kto / orpo: train is train_sft -> train_preference (pipelines/preference.py)
 """
 
 from __future__ import annotations
@@ -166,8 +167,13 @@ def single_run(config: PipelineConfig, base: BaseModelRef) -> None:
     general = general_probe(config, base)
     replay = replay_source(config, base, after=["format_prompts"])
     train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay)
-    # train.num_processes > 1 trains across N GPUs inside the same step (core/training/distributed.py)
-    adapter, metrics, report = train_and_evaluate(
-        config, base, train_ds, eval_ds, config.lora, config.train, general=general
-    )
+    if config.train.method != "sft":  # dpo / kto / orpo: SFT (or another start) then the preference stage
+        from pipelines.preference import preference_run
+
+        adapter, metrics, report = preference_run(config, base, train_ds, eval_ds, general=general)
+    else:
+        # train.num_processes > 1 trains across N GPUs inside the same step (core/training/distributed.py)
+        adapter, metrics, report = train_and_evaluate(
+            config, base, train_ds, eval_ds, config.lora, config.train, general=general
+        )
     ship(config, base, adapter, report, metrics, eval_ds, config.lora, config.train)

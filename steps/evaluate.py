@@ -16,7 +16,7 @@ import materializers  # noqa: F401
 from core.artifact_names import EVAL_REPORT, per_candidate
 from core.artifacts import ModelFolder, dataset_content_hash
 from core.config import Candidate, EvalConfig
-from core.evaluation.scoring import evaluate_adapter
+from core.evaluation.scoring import PreferenceInputs, evaluate_adapter
 from core.logs import quiet_libraries
 from core.models import BaseModelRef
 from core.reports import EvalReport
@@ -34,6 +34,10 @@ def evaluate(
     eval_cfg: EvalConfig,
     candidate: Candidate = Candidate(),
     general_dataset: Dataset | None = None,
+    preference_dataset: Dataset | None = None,
+    start_adapter: ModelFolder | None = None,
+    start_name: str = "base",
+    beta: float = 0.1,
 ) -> Annotated[EvalReport, per_candidate(EVAL_REPORT)]:
     quiet_libraries()
     model_name, stage = registry.current_model_name(), eval_cfg.gate.compare_with_stage
@@ -41,8 +45,18 @@ def evaluate(
     if stage and model_name:
         task = candidate.name if candidate.kind == "task" else None
         reference = registry.stage_reference(model_name, stage, dataset_content_hash(eval_dataset), task=task)
+    # a preference run: its held-out pairs, scored by the base, the adapter the stage started from and this one
+    preference = (
+        PreferenceInputs(preference_dataset, start_adapter, start_name, beta) if preference_dataset is not None else None
+    )
     report = evaluate_adapter(
-        adapter, eval_dataset, base, eval_cfg, stage_reference=reference, general_ds=general_dataset
+        adapter,
+        eval_dataset,
+        base,
+        eval_cfg,
+        stage_reference=reference,
+        general_ds=general_dataset,
+        preference=preference,
     )
     for line in report.gate_messages:
         logger.info("gate: %s", line)
@@ -69,6 +83,21 @@ def evaluate(
             g1.exact_match,
             g0.rouge_l,
             g1.rouge_l,
+        )
+    if (p := report.preference) is not None:
+        logger.info(
+            "%s: preference accuracy on %d held-out pairs: base %.3f, %s %.3f -> tuned %.3f (tuned - start %+.3f, "
+            "95%% CI %+.3f to %+.3f); mean reward margin %+.4f",
+            candidate.label,
+            p.rows,
+            p.base.accuracy,
+            p.start_name,
+            p.start.accuracy,
+            p.tuned.accuracy,
+            p.tuned_minus_start.delta,
+            p.tuned_minus_start.low,
+            p.tuned_minus_start.high,
+            p.tuned.reward_margin,
         )
     tracking.log_evaluation(report, candidate)  # MLflow, when tracked
     evaluation = registry.evaluation_summary(report)

@@ -64,4 +64,6 @@ def train(
         )
     elif candidate.kind == "single":  # tasks and sweep points are recorded by summarize_tasks / select_best
         registry.record({"training": summary})
+    elif candidate.kind == "sft_stage":  # a preference run's first stage; its preference stage records "training"
+        registry.record({"sft_training": summary})
     return adapter, metrics

@@ -35,7 +35,10 @@ Held-out rows: {{ eval_rows }} (dataset sha256 `{{ eval_hash }}`).
 |---|{% for _ in score_columns %}---|{% endfor %}
 {% for row in score_rows %}| {{ row | join(" | ") }} |
 {% endfor %}
-Quality gate against {{ reference_name }}: **{{ gate }}**
+{% if preference %}Preference accuracy on {{ preference.rows }} held-out pairs (chosen answer ranked above the rejected one):
+base {{ "%.3f" | format(preference.base.accuracy) }}, {{ preference.start_name }} {{ "%.3f" | format(preference.start.accuracy) }}, this model {{ "%.3f" | format(preference.tuned.accuracy) }}.
+
+{% endif %}Quality gate against {{ reference_name }}: **{{ gate }}**
 {% for message in gate_messages %}
 - {{ message }}
 {%- endfor %}
@@ -119,6 +122,33 @@ def replay_line(train: TrainConfig) -> str:
     return f"{replay.ratio:g} rows per task row from {source}, {how}{kl}"
 
 
+def method_line(lora: LoraSettings, train: TrainConfig) -> str:
+    """How the adapter was trained, in the card's first sentence: QLoRA SFT, or SFT then DPO/KTO/ORPO."""
+    qlora = "QLoRA with DoRA" if lora.use_dora else "QLoRA"
+    if train.method == "sft":
+        return qlora
+    start = {"sft": "supervised fine-tuning, then ", "base": ""}.get(
+        train.preference_start(), f"the {train.preference_start()} version's adapter, then "
+    )
+    return f"{qlora}: {start}{train.method.upper()} on preference data"
+
+
+def preference_line(train: TrainConfig) -> str:
+    """The preference stage's data and settings, for the card's Training table."""
+    pref = train.preference
+    source = pref.data.path if pref.data.source == "local" else f"{pref.data.path} (Hub)"
+    weights = (
+        f", desirable/undesirable weights {pref.desirable_weight:g}/{pref.undesirable_weight:g}"
+        if train.method == "kto"
+        else ""
+    )
+    loss = f", loss {pref.loss_type}" if pref.loss_type else ""
+    return (
+        f"{train.method.upper()} on {source} ({pref.data.format}), beta {pref.beta:g}{loss}{weights}, learning rate "
+        f"{pref.learning_rate:g}, starting from {train.preference_start()}"
+    )
+
+
 def build_model_card(
     *,
     model: ModelSource | BaseModelRef,
@@ -140,7 +170,7 @@ def build_model_card(
         template_str=CARD_TEMPLATE,
         title=model_name,
         base_name=base_name,
-        method="QLoRA with DoRA" if lora.use_dora else "QLoRA",
+        method=method_line(lora, train),
         merged_dtype=merged_dtype,
         push_adapter=push.push_adapter,
         repo_id=repo_id,
@@ -150,6 +180,7 @@ def build_model_card(
         score_rows=score_rows,
         reference_name=eval_report.reference_name,
         gate="passed" if eval_report.gate_passed else "failed",
+        preference=eval_report.preference,
         gate_messages=[cell(m) for m in eval_report.gate_messages],
         lora_rows=[[cell(c) for c in row] for row in _lora_rows(lora)],
         train_rows=[[cell(c) for c in row] for row in _train_rows(train, train_metrics)],
@@ -222,6 +253,7 @@ def _train_rows(train: TrainConfig, tm: TrainMetrics) -> list[list[object]]:
         ["gradient checkpointing", train.gradient_checkpointing],
         ["seed", train.seed],
         ["replay (keeps general ability)", replay_line(train)],
+        *([["preference stage", preference_line(train)]] if train.method != "sft" else []),
         ["final train loss", f"{tm.final_train_loss:.4f}"],
         ["final eval loss", "n/a" if tm.final_eval_loss is None else f"{tm.final_eval_loss:.4f}"],
         ["trainable / total params", f"{tm.trainable_params:,} / {tm.total_params:,}"],

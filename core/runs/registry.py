@@ -38,7 +38,39 @@ def evaluation_summary(report: EvalReport) -> dict[str, Any]:
             "base": report.general_base.model_dump(),
             "tuned": report.general_tuned.model_dump(),
         }
+    if report.preference is not None:  # a preference run's held-out pairs
+        p = report.preference
+        summary["preference"] = {
+            "rows": p.rows,
+            "start": p.start_name,
+            "base": p.base.model_dump(),
+            "start_scores": p.start.model_dump(),
+            "tuned": p.tuned.model_dump(),
+            "tuned_minus_start": p.tuned_minus_start.model_dump(),
+        }
     return summary
+
+
+def version_adapter(model_name: str, version: str | int):
+    """The adapter artifact of `model_name`'s version at a stage or with a number (a preference stage starts from
+    it); a clear error when there is no such version or it holds no adapter."""
+    from zenml.client import Client
+
+    from core.artifact_names import ADAPTER
+
+    try:
+        found = Client().get_model_version(model_name, version)
+    except KeyError as err:
+        raise ValueError(
+            f"train.preference.start_from: model {model_name!r} has no version {version!r} to start from"
+        ) from err
+    adapter = found.get_artifact(ADAPTER)
+    if adapter is None:
+        raise ValueError(
+            f"train.preference.start_from: version {found.number} of {model_name!r} holds no {ADAPTER!r} artifact "
+            "(a multitask or sweep version names its adapters otherwise)"
+        )
+    return adapter
 
 
 def stage_reference(
@@ -110,7 +142,7 @@ def input_artifact_id(name: str, index: int = 0) -> UUID | None:
 
 
 # What a model version records about the results it holds (see the module docstring); `promotion` is per run.
-RESULT_KEYS = ("training", "evaluation", "push", "sweep", "tasks")
+RESULT_KEYS = ("training", "sft_training", "evaluation", "push", "sweep", "tasks")
 
 
 def _producer_version_id(artifact_version_id: UUID) -> UUID | None:
@@ -187,6 +219,15 @@ def headline(metadata: dict[str, Any]) -> dict[str, Any]:
             for metric in ("loss", "rouge_l", "exact_match"):
                 out[f"{side}_{metric}"] = (evaluation.get(side) or {}).get(metric)
         out["gate_passed"] = evaluation.get("gate_passed")
+        preference = evaluation.get("preference")
+        if isinstance(preference, dict):  # a preference run: held-out pair accuracy, start -> tuned
+            out["preference_accuracy"] = [
+                (preference.get("start_scores") or {}).get("accuracy"),
+                (preference.get("tuned") or {}).get("accuracy"),
+            ]
+    training = metadata.get("training")
+    if isinstance(training, dict) and training.get("method", "sft") != "sft":
+        out["method"] = training["method"]
     tasks = metadata.get("tasks")
     if isinstance(tasks, dict):
         for task, entry in tasks.items():

@@ -145,6 +145,11 @@ def log_evaluation(report, candidate=None) -> None:
             value = getattr(scores, key, None)
             if value is not None:
                 metrics[f"{side}_{key}"] = float(value)
+    if getattr(report, "preference", None) is not None:  # a preference run's held-out pairs
+        for side in ("base", "start", "tuned"):
+            scores = getattr(report.preference, side)
+            metrics[f"preference_{side}_accuracy"] = scores.accuracy
+            metrics[f"preference_{side}_reward_margin"] = scores.reward_margin
     metrics["gate_passed"] = float(bool(report.gate_passed))
     mlflow.log_metrics(metrics)
 
