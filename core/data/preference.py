@@ -194,6 +194,8 @@ def preference_kind(ds: Dataset) -> str:
 
 # --- formatting: canonical rows -> trl's standard (prompt, answer texts) format -------------
 
+# prompt.overlong truncate, for preference rows: a cut answer would change what is preferred
+TRUNCATE_NOTE = " (as drop: a preference answer is never cut)"
 PAIR_FEATURES = Features({k: Value("string") for k in ("id", "prompt", "chosen", "rejected")})
 KTO_FEATURES = Features(
     {"id": Value("string"), "prompt": Value("string"), "completion": Value("string"), "label": Value("bool")}
@@ -230,8 +232,7 @@ def format_preference(
         "method": method,
         "template": fmt if fmt in ("chat", "alpaca") else "custom",
         "dropped_overlong": len(overlong),
-        "overlong": prompt_cfg.overlong
-        + (" (as drop: a preference answer is never cut, it would change what is preferred)" if overlong else ""),
+        "overlong": prompt_cfg.overlong + (TRUNCATE_NOTE if prompt_cfg.overlong == "truncate" else ""),
     }
     return train, held_out, stats
 
