@@ -4,19 +4,22 @@ fail and drop, trl's standard format with the run's template, and the bundled da
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from datasets import Dataset
+from zenml import pipeline, step
 
 from core.config import DataSource, PreferenceConfig, PromptConfig, ValidationConfig
 from core.data.formatting import OverlongError
 from core.data.ingest import IngestError, load_rows
 from core.data.preference import FEATURES, TRUNCATE_NOTE, format_preference, label_value
 from core.data.validation import DataValidationError, validate_dataset
-from core.models import load_tokenizer
+from core.models import BaseModelRef, load_tokenizer, resolve_base
 from core.prompts import render, render_prompt, with_system
+from steps.format_preference import format_preference as format_step
 
 
 @pytest.fixture(scope="module")
@@ -390,3 +393,25 @@ def test_bundled_set_validates_clean_and_formats_with_the_default_prompt():
     train, held_out, stats = format_preference(clean, tokenizer, prompt, PreferenceConfig().max_length, "dpo")
     assert (len(train), len(held_out), stats["dropped_overlong"]) == (160, 48, 0)
     assert train[0]["prompt"].startswith(f"<|im_start|>system\n{prompt.system_prompt}<|im_end|>")
+
+
+@step
+def _clean_pairs() -> Annotated[Dataset, "clean_dataset"]:
+    return dataset(PAIRS)
+
+
+@pipeline(enable_cache=False)
+def _format_only(base: BaseModelRef) -> None:
+    format_step(_clean_pairs(), base=base, prompt=PromptConfig(), max_length=256, method="kto")
+
+
+@pytest.mark.slow
+def test_step_stores_both_splits_under_their_names_with_token_stats(zenml_home, tiny_source):
+    """The ZenML step: preference_train / preference_eval through the project's materializers, stats as metadata."""
+    from zenml.client import Client
+
+    step_run = Client().get_pipeline_run(_format_only(resolve_base(tiny_source)).id).steps["format_preference"]
+    train = step_run.outputs["preference_train"][0]
+    held_out = step_run.outputs["preference_eval"][0].load()
+    assert len(train.load()) == 8 and held_out["id"] == ["e.jsonl:1#chosen", "e.jsonl:1#rejected"]
+    assert train.run_metadata["rows"] == 8 and train.run_metadata["method"] == "kto"
