@@ -21,6 +21,8 @@ GENERAL_DATASET = "general_dataset"  # load_probe: the general-ability probe, sc
 SOURCE_DATASET = "source_dataset"  # format_source: one mixed-in source's rows, rendered and tokenized
 REHEARSAL_DATASET = "rehearsal_dataset"  # synthesize_rehearsal: replay prompts with the base model's own answers
 MIXED_TRAIN_DATASET = "mixed_train_dataset"  # mix_data: the task's training rows plus the mixed-in sources
+PREFERENCE_TRAIN = "preference_train"  # format_preference: the preference stage's rows as trl reads them
+PREFERENCE_EVAL = "preference_eval"  # format_preference: the held-out preference rows
 
 # training and evaluation: one of each per candidate (see per_candidate, for_task, for_point)
 ADAPTER = "adapter"  # train: the LoRA adapter folder (also what serving loads by default)

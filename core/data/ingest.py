@@ -8,6 +8,8 @@ the canonical schema every later step reads:
     split     "train", "eval", or "" (format_prompts assigns those later)
     messages  [{"role": ..., "content": ...}, ...]; instruction rows become user + assistant turns
 
+Preference data (format pairs / unpaired) has its own canonical schema: core/data/preference.py.
+
 Ingest maps, it does not judge: null or empty texts pass through to validate,
 which reports them with great-expectations. What ingest cannot map (a broken
 JSON line, invalid UTF-8, a missing column, a wrong type) stops here with the
@@ -20,13 +22,14 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from datasets import Dataset, Features, List, Value
 
-from core.config import DataSource
+from core.config import PREFERENCE_FORMATS, DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +198,15 @@ def _messages(row_id: str, rec: dict, data: DataSource) -> list[dict[str, Any]]:
         output = _text(row_id, rec, col["output"], "output", required=True)
         user = instruction if not extra or instruction is None else f"{instruction}\n\n{extra}"
         return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    sharegpt = data.format == "sharegpt"
-    column = data.columns.get("messages", "conversations" if sharegpt else "messages")
+    column = data.columns.get("messages", "conversations" if data.format == "sharegpt" else "messages")
     if column not in rec:
         raise IngestError(f"{row_id}: missing column '{column}' (mapped to 'messages'); columns present: {sorted(rec)}")
-    turns = rec[column]
+    return chat_turns(row_id, rec[column], column, data)
+
+
+def chat_turns(row_id: str, turns: Any, column: str, data: DataSource) -> list[dict[str, Any]]:
+    """A field holding chat turns, as {role, content} dicts with the data's turn keys and role names mapped."""
+    sharegpt = data.format == "sharegpt"
     if hasattr(turns, "tolist"):  # parquet gives numpy arrays
         turns = turns.tolist()
     defaults = {"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}
@@ -214,7 +221,10 @@ def _messages(row_id: str, rec: dict, data: DataSource) -> list[dict[str, Any]]:
         if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
             hint = ""
             if isinstance(turn, dict) and {"from", "value"} <= set(turn) and not sharegpt:
-                hint = " (this looks like ShareGPT data: set data.format: sharegpt)"
+                fix = (
+                    "data.format: sharegpt" if data.format == "chat" else "data.turn_keys: {role: from, content: value}"
+                )
+                hint = f" (this looks like ShareGPT data: set {fix})"
             raise IngestError(
                 f"{row_id}: {column}[{j}] must be an object with '{role_key}' and '{content_key}', got "
                 f"{turn!r:.80}{hint}"
@@ -227,23 +237,27 @@ def _messages(row_id: str, rec: dict, data: DataSource) -> list[dict[str, Any]]:
     return out
 
 
-def load_rows(data: DataSource) -> Dataset:
-    """Read every configured source into the canonical schema."""
-    parts: list[tuple[str, Any]] = []  # (split label, row iterator)
+def record_parts(data: DataSource) -> list[tuple[bool, Iterator[tuple[str, dict]]]]:
+    """The source's row readers, each flagged held out (eval_path / eval_split) or not: training rows first."""
     if data.source == "hub":
-        parts.append(("train" if data.eval_split else "", _read_hub(data, data.split)))
-        if data.eval_split:
-            parts.append(("eval", _read_hub(data, data.eval_split)))
-    else:
-        for f in data_files(data.path):
-            parts.append(("train" if data.eval_path else "", _read_file(f)))
-        for f in data_files(data.eval_path) if data.eval_path else []:
-            parts.append(("eval", _read_file(f)))
+        parts = [(False, _read_hub(data, data.split))]
+        return parts + ([(True, _read_hub(data, data.eval_split))] if data.eval_split else [])
+    parts = [(False, _read_file(f)) for f in data_files(data.path)]
+    return parts + [(True, _read_file(f)) for f in (data_files(data.eval_path) if data.eval_path else [])]
+
+
+def load_rows(data: DataSource) -> Dataset:
+    """Read every configured source into the canonical schema (preference data: into core.data.preference's)."""
+    if data.format in PREFERENCE_FORMATS:
+        from core.data.preference import load_preference_rows
+
+        return load_preference_rows(data)
+    train_split = "train" if data.eval_path or data.eval_split else ""
     rows: dict[str, list] = {"id": [], "split": [], "messages": []}
-    for split, records in parts:
+    for held_out, records in record_parts(data):
         for row_id, rec in records:
             rows["id"].append(row_id)
-            rows["split"].append(split)
+            rows["split"].append("eval" if held_out else train_split)
             rows["messages"].append(_messages(row_id, rec, data))
     if not rows["id"]:
         raise IngestError(f"{data.path}: no rows found")

@@ -11,6 +11,11 @@ by a ValidationDefinition that returns every offending row index:
   turn in the middle of a conversation is caught too, not hidden inside a joined prompt;
 - `eval rows`: the eval rows' prompts, which must not be among the train rows' prompts (leakage).
 
+Preference data (core/data/preference.py's schema, recognised by its columns) gets the same frames: `rows` with
+`prompt` (its non-system turns, joined), `roles`, the answers (`chosen` and `rejected`, or `completion` and its
+`label`), `identical_answer` (a pair's answer when chosen and rejected say the same, after whitespace) and
+`example` (for exact duplicates); `turns` with the prompt turns as `prompt.role` / `prompt.content`; `eval rows`.
+
 GE's column-map expectations (regex, lengths, in/not-in set) skip null values: they count them as
 `missing_count`, not as unexpected. So nulls are caught only by the explicit not-null expectations, and a
 null turn makes `prompt`/`response` null rather than "" so that it is reported once, as a null.
@@ -34,6 +39,8 @@ from pydantic import BaseModel, Field
 
 from core.artifacts import HtmlReport, html_table
 from core.config import ValidationConfig
+from core.data.preference import ANSWERS, LABELS, label_key, preference_kind
+from core.data.preference import FEATURES as PREFERENCE_FEATURES
 
 logger = logging.getLogger(__name__)
 # GE logs dozens of INFO lines on import and per context (ZenML's root logger is at INFO): keep step logs
@@ -46,6 +53,8 @@ SPLITS = ("train", "eval", "")  # "": unassigned; format_prompts splits those ro
 ROLES = ("system", "user", "assistant")
 # An optional leading system turn, a user turn first, an assistant turn last (the training target).
 ROLE_SEQUENCE = r"^(?:system,)?user(?:,(?:user|assistant))*,assistant$"  # non-capturing: pandas warns on groups
+# A preference prompt: the context before the answer, so it starts (after a system turn) and ends with a user turn.
+PROMPT_ROLES = r"^(?:system,)?(?:user,(?:(?:user|assistant),)*)?user$"
 # Non-whitespace somewhere: rejects "" and whitespace-only text (lengths alone would pass "   ").
 NOT_BLANK = r"\S"
 # C0 controls except tab/LF/CR, DEL, C1 controls (often mojibake) and U+FFFD (a decoding error upstream).
@@ -175,7 +184,9 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
 
     Every frame's index is the dataset's row position, except `turns`, whose `row` column holds it.
     """
-    schema = _schema_expectations()
+    if is_preference(ds.column_names):
+        return build_preference_checks(ds, cfg)
+    schema = _schema_expectations(REQUIRED_COLUMNS)
     if any(c not in ds.column_names for c in REQUIRED_COLUMNS):
         # Nothing to derive from: check only the schema, over a frame with the dataset's shape.
         return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
@@ -188,14 +199,12 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
     }
 
 
-def _schema_expectations() -> list[Any]:
+def _schema_expectations(required: tuple[str, ...]) -> list[Any]:
     """The canonical columns exist and there is at least one row."""
     # GE is imported here, not at the top: it takes seconds, and the pipeline imports every step to compile.
     import great_expectations.expectations as gxe
 
-    schema = [
-        gxe.ExpectColumnToExist(column=c, meta=guards("the canonical schema ingest writes")) for c in REQUIRED_COLUMNS
-    ]
+    schema = [gxe.ExpectColumnToExist(column=c, meta=guards("the canonical schema ingest writes")) for c in required]
     schema.append(gxe.ExpectTableRowCountToBeBetween(min_value=1, meta=guards("an empty dataset")))
     return schema
 
@@ -205,12 +214,7 @@ def _row_expectations(cfg: ValidationConfig) -> list[Any]:
     import great_expectations.expectations as gxe
 
     lengths = {"min_value": cfg.min_chars, "max_value": cfg.max_chars}
-    return [
-        gxe.ExpectColumnValuesToNotBeNull(column="id", meta=guards("rows that errors could not name")),
-        gxe.ExpectColumnValuesToNotBeNull(column="split", meta=guards("rows with no train/eval assignment")),
-        gxe.ExpectColumnValuesToBeInSet(
-            column="split", value_set=list(SPLITS), meta=guards("a split name other than train, eval or unassigned")
-        ),
+    return _id_split_expectations() + [
         gxe.ExpectColumnValuesToMatchRegex(
             column="roles",
             regex=ROLE_SEQUENCE,
@@ -224,32 +228,55 @@ def _row_expectations(cfg: ValidationConfig) -> list[Any]:
     ]
 
 
-def _turn_expectations() -> list[Any]:
-    """Per message: text that is there, not blank, not binary junk or mojibake, from a role the template knows."""
+def _id_split_expectations() -> list[Any]:
+    """Every row named, and assigned a known split."""
     import great_expectations.expectations as gxe
 
     return [
-        gxe.ExpectColumnValuesToNotBeNull(column="messages.content", meta=guards("a turn with no text")),
-        gxe.ExpectColumnValuesToMatchRegex(
-            column="messages.content", regex=NOT_BLANK, meta=guards("a turn that is empty or only whitespace")
-        ),
-        gxe.ExpectColumnValuesToNotMatchRegex(
-            column="messages.content",
-            regex=CONTROL_CHARS,
-            meta=guards("control characters or U+FFFD: binary junk or a decoding error upstream"),
-        ),
-        gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="messages.content",
-            regex_list=MOJIBAKE,
-            meta=guards("mojibake: UTF-8 text decoded as Latin-1/cp1252", hint=MOJIBAKE_HINT),
-        ),
+        gxe.ExpectColumnValuesToNotBeNull(column="id", meta=guards("rows that errors could not name")),
+        gxe.ExpectColumnValuesToNotBeNull(column="split", meta=guards("rows with no train/eval assignment")),
         gxe.ExpectColumnValuesToBeInSet(
-            column="messages.role", value_set=list(ROLES), meta=guards("a role the chat template cannot render")
+            column="split", value_set=list(SPLITS), meta=guards("a split name other than train, eval or unassigned")
         ),
     ]
 
 
-def _leakage_check(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[Any], list[str]]:
+def _turn_expectations(turns: str = "messages") -> list[Any]:
+    """Per message: text that is there, not blank, not binary junk or mojibake, from a role the template knows."""
+    import great_expectations.expectations as gxe
+
+    return _text_expectations(f"{turns}.content", "a turn") + [
+        gxe.ExpectColumnValuesToBeInSet(
+            column=f"{turns}.role", value_set=list(ROLES), meta=guards("a role the chat template cannot render")
+        ),
+    ]
+
+
+def _text_expectations(column: str, what: str) -> list[Any]:
+    """Text that is there, not blank, not binary junk or mojibake."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column=column, meta=guards(f"{what} with no text")),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column=column, regex=NOT_BLANK, meta=guards(f"{what} that is empty or only whitespace")
+        ),
+        gxe.ExpectColumnValuesToNotMatchRegex(
+            column=column,
+            regex=CONTROL_CHARS,
+            meta=guards("control characters or U+FFFD: binary junk or a decoding error upstream"),
+        ),
+        gxe.ExpectColumnValuesToNotMatchRegexList(
+            column=column,
+            regex_list=MOJIBAKE,
+            meta=guards("mojibake: UTF-8 text decoded as Latin-1/cp1252", hint=MOJIBAKE_HINT),
+        ),
+    ]
+
+
+def _leakage_check(
+    rows: pd.DataFrame, train_splits: tuple[str, ...] = ("train",), flatters: str = "eval loss and ROUGE"
+) -> tuple[pd.DataFrame, list[Any], list[str]]:
     """The eval rows, the expectation that none of their prompts is trained on, and the train prompts it needs."""
     import great_expectations.expectations as gxe
 
@@ -257,15 +284,121 @@ def _leakage_check(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[Any], list[st
     # Its own run over the eval rows, with the train prompts as a suite parameter: GE copies an expectation's
     # kwargs many times per run (about 7 s for 45k train prompts), so keep the big set out of the other suites.
     eval_rows = rows.loc[rows["split"] == "eval", ["id", "prompt"]]
-    train_prompts = sorted(set(rows.loc[rows["split"] == "train", "prompt"].dropna()))
+    train_prompts = sorted(set(rows.loc[rows["split"].isin(train_splits), "prompt"].dropna()))
     leakage = guards(
-        "leakage: an eval prompt that is also trained on (flatters eval loss and ROUGE)",
+        f"leakage: an eval prompt that is also trained on (flatters {flatters})",
         parameters=f"value_set: the {len(train_prompts):,} train prompts",
     )
     on_eval = [
         gxe.ExpectColumnValuesToNotBeInSet(column="prompt", value_set={"$PARAMETER": "train_prompts"}, meta=leakage)
     ]
     return eval_rows, on_eval, train_prompts
+
+
+# --- preference data (core/data/preference.py's schema) ----------------------------------------
+
+
+def is_preference(columns: list[str]) -> bool:
+    """The preference schema, recognised by its answer columns (the SFT schema has `messages` instead)."""
+    return "messages" not in columns and bool({"chosen", "completion"} & set(columns))
+
+
+def build_preference_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
+    """build_checks for preference rows: the same frames, the answers and labels checked where SFT checks turns."""
+    required = tuple(PREFERENCE_FEATURES)
+    schema = _schema_expectations(required)
+    if any(c not in ds.column_names for c in required):
+        return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
+    rows, turns = flatten_preference(ds)
+    # the data's own held-out rows are "eval", every other row trains (ingest leaves them unassigned)
+    eval_rows, on_eval, train_prompts = _leakage_check(rows, ("train", ""), "preference accuracy")
+    return {
+        "rows": (rows, schema + _preference_expectations(preference_kind(ds), cfg), {}),
+        "turns": (turns, _turn_expectations("prompt"), {}),
+        "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
+    }
+
+
+def flatten_preference(ds: Dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `rows` and `turns` frames of preference rows (see the module docstring)."""
+    answers = ("chosen", "rejected", "completion")
+    rows: dict[str, list[Any]] = {k: [] for k in ("id", "split", "prompt", "roles", *answers, "label", "label_text")}
+    rows.update(identical_answer=[], example=[])
+    turns: dict[str, list[Any]] = {"row": [], "prompt.role": [], "prompt.content": []}
+    for pos, row in enumerate(ds.with_format(None)):
+        prompt = row["prompt"] or []
+        roles, contents = [t.get("role") for t in prompt], [t.get("content") for t in prompt]
+        turns["row"] += [pos] * len(prompt)
+        turns["prompt.role"] += roles
+        turns["prompt.content"] += contents
+        before = [c for r, c in zip(roles, contents) if r != "system"]
+        for key in ("id", "split", *answers, "label_text"):
+            rows[key].append(row[key])
+        rows["prompt"].append(PROMPT_JOIN.join(before) if before and None not in before else None)
+        rows["roles"].append(",".join(str(r) for r in roles))  # str(None): a missing role fails PROMPT_ROLES
+        rows["label"].append(None if row["label_text"] is None else label_key(row["label_text"]))  # as LABELS spells it
+        rows["identical_answer"].append(_identical_answer(row["chosen"], row["rejected"]))
+        label = row["label_text"] if row["label"] is None else row["label"]  # "1" and "true" are one label
+        example = [prompt, row["chosen"], row["rejected"], row["completion"], label]
+        rows["example"].append(json.dumps(example, ensure_ascii=False, sort_keys=True))
+    return pd.DataFrame(rows), pd.DataFrame(turns)
+
+
+def _identical_answer(chosen: str | None, rejected: str | None) -> str | None:
+    """The answer a pair gives twice (whitespace aside), else None: a pair with nothing to prefer."""
+    if chosen is None or rejected is None:
+        return None
+    same = " ".join(chosen.split()) == " ".join(rejected.split())
+    return " ".join(chosen.split()) if same else None
+
+
+def _preference_expectations(kind: str, cfg: ValidationConfig) -> list[Any]:
+    """Per example: named, a prompt that ends in a user turn, sane answers, something to prefer, no duplicates."""
+    import great_expectations.expectations as gxe
+
+    lengths = {"min_value": cfg.min_chars, "max_value": cfg.max_chars}
+    checks = _id_split_expectations() + [
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="roles",
+            regex=PROMPT_ROLES,
+            meta=guards("a prompt that does not start and end with a user turn (after an optional system turn)"),
+        ),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", **lengths, meta=guards("empty or runaway prompts")),
+    ]
+    for column in ANSWERS[kind]:
+        checks += _text_expectations(column, f"a {column} answer")
+        checks.append(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=column, **lengths, meta=guards(f"empty or runaway {column} answers")
+            )
+        )
+    checks += _pair_expectations() if kind == "pairs" else _label_expectations()
+    checks.append(gxe.ExpectColumnValuesToBeUnique(column="example", meta=guards("the same example trained twice")))
+    return checks
+
+
+def _pair_expectations() -> list[Any]:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeNull(
+            column="identical_answer",
+            meta=guards("a pair whose chosen and rejected answers are the same text: nothing to prefer"),
+        )
+    ]
+
+
+def _label_expectations() -> list[Any]:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column="label", meta=guards("an unpaired row with no label")),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="label",
+            value_set=sorted(LABELS),
+            meta=guards("a label that is not true/false, 1/0, up/down or good/bad"),
+        ),
+    ]
 
 
 def run_checks(checks: dict[str, Check]) -> dict[str, list[Any]]:
