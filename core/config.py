@@ -364,7 +364,8 @@ class PreferenceConfig(StrictModel):
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(
-        256, ge=16, description="The longest prompt + answer in tokens; longer rows fail validation (no truncation)."
+        256, ge=16, description="The longest prompt + answer in tokens; a longer row is handled by prompt.overlong (fail names "
+        "it; drop and truncate drop it: a preference answer is never cut).",
     )
 
     @model_validator(mode="after")

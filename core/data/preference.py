@@ -207,7 +207,8 @@ def format_preference(
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Render every row as SFT renders its rows (template, system prompt), apply prompt.overlong at `max_length`
     tokens and split; returns (train, eval, stats). dpo / orpo: id, prompt, chosen, rejected; kto: id, prompt,
-    completion, label (a pair becoming two rows)."""
+    completion, label (a training pair becoming two rows). Held-out pairs stay pairs for every method: evaluation
+    ranks chosen against rejected (kto_rows gives the trainer its own view of them)."""
     kind = preference_kind(clean)
     _check_method(kind, method)
     fmt = prompt_format(tokenizer, prompt_cfg.template)
@@ -220,9 +221,10 @@ def format_preference(
             overlong.append(f"{row['id']} ({longest(example)} tokens)")
             continue
         split = _split(row["split"], example["prompt"], has_eval_rows, prompt_cfg)
-        out[split] += as_kto(example) if method == "kto" and kind == "pairs" else [example]
+        out[split] += as_kto(example) if method == "kto" and kind == "pairs" and split == "train" else [example]
     _check_overlong(overlong, prompt_cfg.overlong, max_length)
-    train, held_out = (_dataset(out[s], method) for s in ("train", "eval"))
+    train = _dataset(out["train"], method)
+    held_out = _dataset(out["eval"], "kto" if kind == "unpaired" else "dpo")
     if len(train) == 0 or len(held_out) == 0:
         raise ValueError(
             f"after formatting the preference data: {len(train)} train and {len(held_out)} eval rows; both splits "
@@ -275,6 +277,18 @@ def as_kto(example: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for answer in ANSWERS["pairs"]
     ]
+
+
+def kto_rows(pairs: Dataset) -> Dataset:
+    """Formatted pairs (id, prompt, chosen, rejected) as KTO's rows; a dataset already in KTO's columns as it is."""
+    if "completion" in pairs.column_names:
+        return pairs
+    rows = [
+        {"id": f"{r['id']}#{a}", "prompt": r["prompt"], "completion": r[a], "label": a == "chosen"}
+        for r in pairs
+        for a in ANSWERS["pairs"]
+    ]
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in KTO_FEATURES}, features=KTO_FEATURES)
 
 
 def longest(example: dict[str, Any]) -> int:

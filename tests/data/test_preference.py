@@ -15,7 +15,7 @@ from zenml import pipeline, step
 from core.config import DataSource, PreferenceConfig, PromptConfig, ValidationConfig
 from core.data.formatting import OverlongError
 from core.data.ingest import IngestError, load_rows
-from core.data.preference import FEATURES, TRUNCATE_NOTE, format_preference, label_value
+from core.data.preference import FEATURES, TRUNCATE_NOTE, format_preference, kto_rows, label_value
 from core.data.validation import DataValidationError, validate_dataset
 from core.models import BaseModelRef, load_tokenizer, resolve_base
 from core.prompts import render, render_prompt, with_system
@@ -330,7 +330,13 @@ def test_split_is_seeded_deterministic_and_keeps_prompts_whole(tok):
 def test_kto_turns_each_pair_into_a_desirable_and_an_undesirable_row(tok):
     train, held_out, stats = format_preference(pairs(40), tok, PromptConfig(eval_fraction=0.3), 256, "kto")
     assert train.column_names == ["id", "prompt", "completion", "label"]
-    assert len(train) + len(held_out) == 80 and len(train) % 2 == 0
+    # held-out pairs stay pairs (evaluation ranks chosen against rejected); kto_rows is the trainer's view of them
+    assert held_out.column_names == ["id", "prompt", "chosen", "rejected"]
+    assert len(train) + 2 * len(held_out) == 80 and len(train) % 2 == 0
+    as_rows = kto_rows(held_out)
+    assert len(as_rows) == 2 * len(held_out) and as_rows["label"][:2] == [True, False]
+    assert as_rows["completion"][:2] == [held_out[0]["chosen"], held_out[0]["rejected"]]
+    assert kto_rows(train) is train
     first, second = train[0], train[1]
     assert first["id"].endswith("#chosen") and second["id"] == first["id"].replace("#chosen", "#rejected")
     assert (first["label"], second["label"]) == (True, False) and first["prompt"] == second["prompt"]
@@ -413,5 +419,5 @@ def test_step_stores_both_splits_under_their_names_with_token_stats(zenml_home, 
     step_run = Client().get_pipeline_run(_format_only(resolve_base(tiny_source)).id).steps["format_preference"]
     train = step_run.outputs["preference_train"][0]
     held_out = step_run.outputs["preference_eval"][0].load()
-    assert len(train.load()) == 8 and held_out["id"] == ["e.jsonl:1#chosen", "e.jsonl:1#rejected"]
+    assert len(train.load()) == 8 and held_out["id"] == ["e.jsonl:1"] and held_out["chosen"][0] != held_out["rejected"][0]
     assert train.run_metadata["rows"] == 8 and train.run_metadata["method"] == "kto"
