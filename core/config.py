@@ -103,8 +103,9 @@ class DataSource(StrictModel):
     mix: list[MixSource] = Field(
         default_factory=list,
         description="More training sources mixed into this one (a data mixture, as TRL's dataset_mixture and "
-        "axolotl's per-dataset weight), each with its own format, columns, template and share of the training rows. "
-        "The held-out split comes from this source alone, never from a mixed-in one.",
+        "axolotl's per-dataset weight), each with its own format, columns and share of the training rows; every "
+        "source's rows are formatted with the run's `prompt` settings (template, system prompt). The held-out split "
+        "comes from this source alone, never from a mixed-in one.",
     )
 
     def without_mix(self) -> DataSource:
