@@ -586,7 +586,7 @@ class GateConfig(StrictModel):
         "SFT adapter, or the base), absolute; 0: must not regress. null: not checked.",
     )
     max_general_em_drop: float | None = Field(
-        0.15,
+        0.12,
         ge=0,
         le=1,
         description="Forgetting, on the general-ability probe: how far the exact-match rate may fall below the "
