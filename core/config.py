@@ -103,8 +103,9 @@ class DataSource(StrictModel):
     mix: list[MixSource] = Field(
         default_factory=list,
         description="More training sources mixed into this one (a data mixture, as TRL's dataset_mixture and "
-        "axolotl's per-dataset weight), each with its own format, columns, template and share of the training rows. "
-        "The held-out split comes from this source alone, never from a mixed-in one.",
+        "axolotl's per-dataset weight), each with its own format, columns and share of the training rows; every "
+        "source's rows are formatted with the run's `prompt` settings (template, system prompt). The held-out split "
+        "comes from this source alone, never from a mixed-in one.",
     )
 
     def without_mix(self) -> DataSource:
@@ -586,7 +587,7 @@ class GateConfig(StrictModel):
         "SFT adapter, or the base), absolute; 0: must not regress. null: not checked.",
     )
     max_general_em_drop: float | None = Field(
-        0.15,
+        0.12,
         ge=0,
         le=1,
         description="Forgetting, on the general-ability probe: how far the exact-match rate may fall below the "

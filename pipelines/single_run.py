@@ -151,7 +151,17 @@ def ship(config: PipelineConfig, base: BaseModelRef, adapter, report, metrics, e
     merged = merge(adapter, report, eval_ds, base=base, merge_cfg=config.merge)
     if config.export.enabled:  # the merged model as one GGUF file for llama.cpp / Ollama
         export_gguf(merged, eval_ds, base=base, export=config.export, system_prompt=config.prompt.system_prompt)
-    push(merged, adapter, report, metrics, base=base, lora=lora, train_cfg=train_settings, push_cfg=config.push)
+    push(
+        merged,
+        adapter,
+        report,
+        metrics,
+        base=base,
+        lora=lora,
+        train_cfg=train_settings,
+        push_cfg=config.push,
+        data=config.data,
+    )
     promote_run(config, [report], after="push")  # only after a successful push
 
 

@@ -13,7 +13,7 @@ from zenml import get_step_context, step
 import materializers  # noqa: F401  (registers the project's materializers)
 from core.artifact_names import PUSH_RESULT, UPLOAD_BUNDLE
 from core.artifacts import ModelFolder
-from core.config import LoraSettings, PushConfig, TrainConfig
+from core.config import DataSource, LoraSettings, PushConfig, TrainConfig
 from core.hub import push_model
 from core.models import BaseModelRef
 from core.reports import EvalReport, PushResult, TrainMetrics
@@ -32,8 +32,10 @@ def push(
     lora: LoraSettings,
     train_cfg: TrainConfig,
     push_cfg: PushConfig,
+    data: DataSource | None = None,
 ) -> tuple[Annotated[ModelFolder, UPLOAD_BUNDLE], Annotated[PushResult, PUSH_RESULT]]:
-    """Build the Hub upload folder (and upload it in hub mode); record what went where on the model version."""
+    """Build the Hub upload folder (and upload it in hub mode); record what went where on the model version.
+    `data`: the task's data source, for the card's data mixture row."""
     bundle, result = push_model(
         merged_model,
         adapter,
@@ -44,6 +46,7 @@ def push(
         train=train_cfg,
         push=push_cfg,
         run_id=str(get_step_context().pipeline_run.id),
+        data=data,
     )
     fields = ("mode", "repo_id", "total_bytes", "commit_url", "commit_oid", "revision", "pr_url")
     logged = {f: getattr(result, f) or ("" if f != "total_bytes" else 0) for f in fields}

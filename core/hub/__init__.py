@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from core.artifacts import ModelFolder, scratch_dir
-from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
+from core.config import DataSource, LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.hub.bundle import build_bundle, uploadable, weights_dtype
 from core.hub.card import build_model_card, is_hub_id
 from core.hub.publish import Published, PushError, publish_bundle, resolve_token
@@ -33,8 +33,10 @@ def push_model(
     push: PushConfig,
     run_id: str | None = None,
     out_dir: str | Path | None = None,
+    data: DataSource | None = None,
 ) -> tuple[ModelFolder, PushResult]:
-    """Build the upload folder and, in hub mode, upload it. Returns the folder and a PushResult."""
+    """Build the upload folder and, in hub mode, upload it. Returns the folder and a PushResult. `data`: the task's
+    data source, for the card's data mixture row."""
     # Before any work: a missing token should fail fast, not after building the bundle.
     token = _require_token(push) if push.mode == "hub" else None
     card = build_model_card(
@@ -46,6 +48,7 @@ def push_model(
         train_metrics=train_metrics,
         run_id=run_id,
         merged_dtype=weights_dtype(merged_model.path),
+        data=data,
     )
     out = Path(out_dir) if out_dir is not None else scratch_dir("zenml-push-bundle-")
     bundle = build_bundle(

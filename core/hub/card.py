@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
+from core.config import DataSource, LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.models import BaseModelRef, as_source, display_name
 from core.reports import EvalReport, ModelScores, TrainMetrics
 
@@ -122,6 +122,16 @@ def replay_line(train: TrainConfig) -> str:
     return f"{replay.ratio:g} rows per task row from {source}, {how}{kl}"
 
 
+def mixture_line(data: DataSource, train: TrainConfig) -> str:
+    """data.mix's sources with their shares and the seed they were drawn with, in one line for the card."""
+    shares = [
+        f"{m.name} ({m.path}{' (Hub)' if m.source == 'hub' else ''}): "
+        + (f"{m.ratio:g} rows per task row" if m.ratio is not None else f"{m.rows} rows")
+        for m in data.mix
+    ]
+    return f"task data + {'; '.join(shares)}; drawn with seed {train.seed}"
+
+
 def method_line(lora: LoraSettings, train: TrainConfig) -> str:
     """How the adapter was trained, in the card's first sentence: QLoRA SFT, or SFT then DPO/KTO/ORPO."""
     qlora = "QLoRA with DoRA" if lora.use_dora else "QLoRA"
@@ -159,8 +169,10 @@ def build_model_card(
     train_metrics: TrainMetrics,
     run_id: str | None,
     merged_dtype: str = "unknown dtype",
+    data: DataSource | None = None,
 ) -> ModelCard:
-    """The README.md: Hub metadata (base model, license, tags, eval results) and a human-readable body."""
+    """The README.md: Hub metadata (base model, license, tags, eval results) and a human-readable body. `data`: the
+    task's data source, for its mixture (data.mix) in the Training table."""
     base_name = display_name(model)
     repo_id = push.repo_id or "<your-org>/<repo>"
     model_name = repo_id.split("/")[-1]
@@ -183,7 +195,7 @@ def build_model_card(
         preference=eval_report.preference,
         gate_messages=[cell(m) for m in eval_report.gate_messages],
         lora_rows=[[cell(c) for c in row] for row in _lora_rows(lora)],
-        train_rows=[[cell(c) for c in row] for row in _train_rows(train, train_metrics)],
+        train_rows=[[cell(c) for c in row] for row in _train_rows(train, train_metrics, data)],
         run_id=run_id or "n/a (not run by ZenML)",
     )
 
@@ -240,7 +252,7 @@ def _lora_rows(lora: LoraSettings) -> list[list[object]]:
     ]
 
 
-def _train_rows(train: TrainConfig, tm: TrainMetrics) -> list[list[object]]:
+def _train_rows(train: TrainConfig, tm: TrainMetrics, data: DataSource | None = None) -> list[list[object]]:
     """The "Training" section: the settings trained with, then what the run measured."""
     return [
         ["optimizer steps", tm.steps],
@@ -252,6 +264,7 @@ def _train_rows(train: TrainConfig, tm: TrainMetrics) -> list[list[object]]:
         ["optimizer", train.optim],
         ["gradient checkpointing", train.gradient_checkpointing],
         ["seed", train.seed],
+        *([["data mixture", mixture_line(data, train)]] if data is not None and data.mix else []),
         ["replay (keeps general ability)", replay_line(train)],
         *([["preference stage", preference_line(train)]] if train.method != "sft" else []),
         ["final train loss", f"{tm.final_train_loss:.4f}"],

@@ -17,7 +17,7 @@ from support.hub_server import DROP, FakeHub
 from zenml import Model, pipeline, step
 
 from core.artifacts import ModelFolder
-from core.config import LoraSettings, ModelSource, PushConfig, TrainConfig
+from core.config import DataSource, LoraSettings, ModelSource, PushConfig, TrainConfig
 from core.hub import push_model
 from core.hub.card import build_model_card
 from core.hub.publish import PushError, resolve_token
@@ -191,6 +191,34 @@ def test_model_card_for_local_base_has_no_base_model_id(tmp_path):
     )
     assert card.data.base_model is None
     assert str(tmp_path) in card.text
+
+
+def test_model_card_lists_the_data_mixture():
+    """data.mix's sources, each with its share (a ratio or a row count), and the seed they were drawn with; no row
+    without a mix."""
+    data = DataSource(
+        path="data/acme_support/train.jsonl",
+        mix=[
+            {"name": "faq", "path": "data/faq.jsonl", "ratio": 0.25},
+            {"name": "chat", "source": "hub", "path": "acme/chats", "format": "chat", "rows": 120},
+        ],
+    )
+    args = dict(
+        model=ModelSource(),
+        lora=LoraSettings(),
+        train=TrainConfig(seed=7),
+        push=PushConfig(),
+        eval_report=_report(),
+        train_metrics=_metrics(),
+        run_id=None,
+    )
+    body = build_model_card(**args, data=data).text
+    assert (
+        "| data mixture | task data + faq (data/faq.jsonl): 0.25 rows per task row; "
+        "chat (acme/chats (Hub)): 120 rows; drawn with seed 7 |"
+    ) in body
+    assert "data mixture" not in build_model_card(**args, data=data.without_mix()).text
+    assert "data mixture" not in build_model_card(**args).text
 
 
 def test_dry_run_touches_no_network_and_matches_hub_upload(hub, folders, tmp_path, monkeypatch):

@@ -81,6 +81,15 @@ def test_shipped_config_runs_to_the_end_with_the_probe_on(name, zenml_home, tmp_
     ]
     assert reports and all(r.general_rows == 100 for r in reports)  # every candidate scored on the probe
     assert all(any(m.startswith("general-ability loss") for m in r.gate_messages) for r in reports)
+    # Every candidate passed its gate (container.yaml's on_fail: warn would not stop the run on a failure; this does).
+    # Its probe exact-match line is vacuous here (random tiny model, 4-token answers: ~0 vs ~0); the loss line is not.
+    failed = {i: [m for m in r.gate_messages if m.endswith("FAIL")] for i, r in enumerate(reports) if not r.gate_passed}
+    assert not failed, failed
+    doc = yaml.safe_load(config.read_text())
+    promote_to = doc["parameters"]["config"].get("promote_to")
+    assert promote_to  # every shipped config promotes: its newest version reached that stage
+    (version,) = Client().list_model_versions(model=doc["model"]["name"], sort_by="desc:number", size=1).items
+    assert version.stage == promote_to, version.run_metadata.get("promotion")
     assert any(s.startswith("mix_data") for s in run.steps)  # the shipped replay is mixed in
     summary = summarize(run)
     assert summary.count("general-ability probe, 100 rows") == len(reports)  # cli.summary shows every candidate
