@@ -80,9 +80,13 @@ class TrainMetrics(HtmlReport):
             "uses: the unquantized base with the adapter merged, what merge ships; the two differ by the 4-bit "
             "rounding of the base.</p>"
             if self.method == "sft"
-            else f"<p>Losses are trl's {self.method} loss per pair (or row), on the 4-bit model with the adapter; a "
-            "reward is beta x (log p of the answer under the adapter - under the reference), summed over its tokens."
-            "</p>"
+            else f"<p>Losses are trl's {self.method} loss, on the 4-bit model with the adapter. "
+            + (
+                "A reward is beta x the answer's mean log p per token (orpo has no reference).</p>"
+                if self.method == "orpo"
+                else "A reward is beta x (log p of the answer with the adapter - with the reference), summed over "
+                "its tokens.</p>"
+            )
         )
         chart = loss_chart(self.loss_curve, self.eval_curve, unit="nats/token" if self.method == "sft" else "")
         title = "Training" if self.method == "sft" else f"Preference training ({self.method})"

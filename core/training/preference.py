@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -43,21 +44,19 @@ from core.training.oom import trainable_weights
 from core.training.trainer import (
     Device,
     ProgressLog,
-    _batches,
-    _best_step,
-    _device_and_precision,
-    _evaluate_shipped,
-    _evaluation_and_checkpoints,
-    _fit,
-    _schedule,
-    _seeded_and_quiet,
-    _setup_device,
-    _setup_model,
-    _train_metrics,
-    _trainer_callbacks,
+    best_checkpoint_step,
+    evaluate_shipped,
+    run_args,
     save_adapter,
     settle_trainer,
+    setup_device,
+    setup_model,
+    train_metrics,
+    train_to_end,
+    trainer_callbacks,
 )
+
+logger = logging.getLogger(__name__)
 
 REFERENCE = "ref"  # the name trl gives the frozen copy of a starting adapter
 COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected")}
@@ -141,21 +140,23 @@ def _train_in(
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
     check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
-    device = _setup_device(quant, cfg)
+    if cfg.num_processes > 1:
+        logger.warning("the preference stage trains in one process: train.num_processes %d is SFT's", cfg.num_processes)
+    device = setup_device(quant, cfg)
     tokenizer = models.load_tokenizer(model)
     train_rows, eval_rows = (answers_end_at_eos(ds, tokenizer) for ds in (train_ds, eval_ds))
-    peft_model = _setup_model(model, quant, lora, cfg, start_adapter)
+    peft_model = setup_model(model, quant, lora, cfg, start_adapter)
     trainable, total = peft_model.get_nb_trainable_parameters()  # before trl adds the reference copy
     args = preference_args(cfg, run_dir, device)
     progress = ProgressLog()
     make_trainer = _trainer_factory(
         peft_model, train_rows, eval_rows, tokenizer, device, cfg, progress, callbacks, start_adapter is not None
     )
-    fit = _fit(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
-    best_step = _best_step(fit.trainer, args)
-    final_eval = _evaluate_shipped(fit.trainer, eval_rows, progress, best_step)
+    fit = train_to_end(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
+    best_step = best_checkpoint_step(fit.trainer, args)
+    final_eval = evaluate_shipped(fit.trainer, eval_rows, progress, best_step)
     save_adapter(peft_model, out_dir)  # the "default" adapter only
-    metrics = _train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
+    metrics = train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
     return ModelFolder(out_dir), metrics.model_copy(update=preference_metrics(fit.trainer, cfg.method))
 
 
@@ -176,15 +177,11 @@ def answers_end_at_eos(ds: Dataset, tokenizer) -> Dataset:
 
 def preference_args(cfg: TrainConfig, output_dir: Path, device: Device):
     """The trl config of the method: cfg.preference's schedule and settings, train's optimizer, scheduler, checkpoints,
-    evals, seed and device (the same helpers as sft_args)."""
+    evals, seed and device (run_args, as sft_args)."""
     pref = cfg.preference
     common = dict(
         output_dir=str(output_dir),
-        **_schedule(cfg, device.cuda, pace=pref),
-        **_batches(pref),
-        **_evaluation_and_checkpoints(cfg),
-        **_device_and_precision(cfg, device.cuda, device.dtype),
-        **_seeded_and_quiet(cfg),
+        **run_args(cfg, cuda=device.cuda, dtype=device.dtype, pace=pref),
         include_num_input_tokens_seen="non_padding",  # chosen and rejected (or completion) tokens, not padding
         beta=pref.beta,
         max_length=pref.max_length,  # rows were checked against it: nothing is truncated
@@ -282,10 +279,11 @@ def _trainer_factory(
             train_dataset=train_rows,
             eval_dataset=eval_rows if len(eval_rows) else None,
             processing_class=tokenizer,
-            callbacks=_trainer_callbacks(progress, device, cfg, callbacks),
+            callbacks=trainer_callbacks(progress, device, cfg, callbacks),
         )
-        _pin_reference(peft_model, start)
-        return settle_trainer(trainer, device.dtype, before)
+        settle_trainer(trainer, device.dtype, before)
+        _pin_reference(peft_model, start)  # after settle_trainer: in the dtype the policy trains in
+        return trainer
 
     return make_trainer
 
@@ -304,10 +302,12 @@ def _pin_reference(peft_model, start: dict[str, torch.Tensor] | None) -> None:
     if start is None:
         peft_model.delete_adapter(REFERENCE)
         return
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if f".{REFERENCE}." in name:
-                param.copy_(start[name.replace(f".{REFERENCE}.", ".default.")])
+    trained = dict(peft_model.named_parameters())
+    for name, param in trained.items():
+        if f".{REFERENCE}." in name:
+            policy = name.replace(f".{REFERENCE}.", ".default.")
+            # in the policy's dtype: trl rounds it to bf16 with bf16 compute, and the two start out the same weights
+            param.data = start[policy].to(param.device, trained[policy].dtype, copy=True)
 
 
 def preference_metrics(trainer, method: str) -> dict:

@@ -159,17 +159,34 @@ def local_base_name(peft_model, model: ModelSource):
 def sft_args(
     cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False
 ):
-    """The SFTConfig of a run: schedule, batch geometry, evaluation and checkpoints, and the fast-path switches."""
+    """The SFTConfig of a run: every run's settings (run_args), packing, and the fast-path switches."""
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir),
-        **_schedule(cfg, cuda),
-        **_batch_geometry(cfg, pack_length),
-        **_evaluation_and_checkpoints(cfg),
-        **_fast_path(cfg, cuda, dtype, liger),
-        **_seeded_and_quiet(cfg),
+        **run_args(cfg, cuda=cuda, dtype=dtype),
+        **_packing(pack_length),
+        **_fast_path(cfg, cuda, liger),
     )
+
+
+def run_args(
+    cfg: TrainConfig, *, cuda: bool, dtype: torch.dtype, pace: TrainConfig | PreferenceConfig | None = None
+) -> dict:
+    """What every run's trl config holds (SFT's and a preference stage's): schedule, batches, evaluation and
+    checkpoints, device and precision, seed.
+
+    pace: where the length, peak learning rate and batches come from (default `cfg`; a preference stage has its
+    own); everything else is train's.
+    """
+    pace = pace or cfg
+    return {
+        **_schedule(cfg, cuda, pace),
+        **_batches(pace),
+        **_evaluation_and_checkpoints(cfg),
+        **_device_and_precision(cfg, cuda, dtype),
+        **_seeded_and_quiet(cfg),
+    }
 
 
 def _seeded_and_quiet(cfg: TrainConfig) -> dict:
@@ -183,13 +200,9 @@ def _seeded_and_quiet(cfg: TrainConfig) -> dict:
     }
 
 
-def _schedule(cfg: TrainConfig, cuda: bool, pace: TrainConfig | PreferenceConfig | None = None) -> dict:
-    """How long and how fast the run learns: steps or epochs, learning rate and its schedule, the optimizer.
-
-    pace: where the length and peak learning rate come from (default `cfg`; a preference stage has its own); the
-    schedule's shape and the optimizer are always train's.
-    """
-    pace = pace or cfg
+def _schedule(cfg: TrainConfig, cuda: bool, pace: TrainConfig | PreferenceConfig) -> dict:
+    """How long and how fast the run learns (steps or epochs and the peak learning rate: pace's), the learning rate's
+    schedule and the optimizer (train's)."""
     return {
         "max_steps": pace.max_steps,
         "num_train_epochs": pace.num_epochs,
@@ -210,11 +223,10 @@ def _batches(pace: TrainConfig | PreferenceConfig) -> dict:
     }
 
 
-def _batch_geometry(cfg: TrainConfig, pack_length: int | None) -> dict:
-    """Micro-batch, accumulation and packing: what one optimizer step sees."""
+def _packing(pack_length: int | None) -> dict:
+    """Packing (pack_length None: none) and how tokens are counted."""
     packing = pack_length is not None
     return {
-        **_batches(cfg),
         # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
         "include_num_input_tokens_seen": "all" if packing else "non_padding",
         # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
@@ -256,10 +268,9 @@ def _device_and_precision(cfg: TrainConfig, cuda: bool, dtype: torch.dtype) -> d
     }
 
 
-def _fast_path(cfg: TrainConfig, cuda: bool, dtype: torch.dtype, liger: bool) -> dict:
-    """The device and precision, and the switches that save memory or time (some CUDA only)."""
+def _fast_path(cfg: TrainConfig, cuda: bool, liger: bool) -> dict:
+    """The switches that save memory or time on CUDA."""
     return {
-        **_device_and_precision(cfg, cuda, dtype),
         "use_liger_kernel": liger,
         "activation_offloading": cfg.activation_offloading and cuda,
     }
@@ -472,25 +483,25 @@ def _train_in(
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
     check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
-    device = _setup_device(quant, cfg)
+    device = setup_device(quant, cfg)
     # Settings errors before the model loads: fail in seconds.
     pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
     liger = resolve_liger(cfg.use_liger_kernel, device.cuda)
     tokenizer = models.load_tokenizer(model)
-    peft_model = _setup_model(model, quant, lora, cfg)
+    peft_model = setup_model(model, quant, lora, cfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
     args = _setup_args(cfg, run_dir, device, pack_length, liger)
     progress = ProgressLog()
     make_trainer = _trainer_factory(peft_model, train_ds, eval_ds, tokenizer, device, cfg, progress, callbacks)
-    fit = _fit(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
-    best_step = _best_step(fit.trainer, args)
-    final_eval = _evaluate_shipped(fit.trainer, eval_ds, progress, best_step)
+    fit = train_to_end(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
+    best_step = best_checkpoint_step(fit.trainer, args)
+    final_eval = evaluate_shipped(fit.trainer, eval_ds, progress, best_step)
     save_adapter(peft_model, out_dir)
-    metrics = _train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
+    metrics = train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
     return ModelFolder(out_dir), metrics
 
 
-def _setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
+def setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
     """CUDA or the CPU, the compute dtype at its full precision, and torch's CPU threads; logs the compute settings."""
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
@@ -501,7 +512,7 @@ def _setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
     return Device(cuda=cuda, dtype=dtype, cpu_share=cpu_share)
 
 
-def _setup_model(
+def setup_model(
     model: ModelSource, quant: QuantConfig, lora: LoraSettings, cfg: TrainConfig, start_adapter: Path | None = None
 ):
     """The 4-bit base with a new LoRA adapter on top, initialised from cfg.seed (or the one in start_adapter)."""
@@ -548,13 +559,13 @@ def _trainer_factory(
             device.dtype,
             labels_only_logits=cfg.labels_only_logits,
             kl=kl,
-            callbacks=_trainer_callbacks(progress, device, cfg, callbacks),
+            callbacks=trainer_callbacks(progress, device, cfg, callbacks),
         )
 
     return make_trainer
 
 
-def _trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, extra: list | None) -> list:
+def trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, extra: list | None) -> list:
     """The progress log, the CPU share, early stopping when set, and the caller's callbacks."""
     return (
         [progress]
@@ -564,7 +575,9 @@ def _trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, 
     )
 
 
-def _fit(make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resume, progress, device: Device) -> Fit:
+def train_to_end(
+    make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resume, progress, device: Device
+) -> Fit:
     """Train to the end from `resume` (retrying smaller after CUDA OOM), or take a training that had already ended."""
     if resume:
         logger.info("resuming from %s", resume)
@@ -583,13 +596,13 @@ def _fit(make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resu
     return Fit(trainer=trainer, last_loss=last_loss, resumed_from=resume, seconds=time.perf_counter() - started)
 
 
-def _best_step(trainer, args) -> int | None:
+def best_checkpoint_step(trainer, args) -> int | None:
     """The step of the checkpoint that ships with keep_best (the lowest eval loss); None without keep_best."""
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     return checkpoint_step(best) if best else None
 
 
-def _evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_step: int | None) -> float | None:
+def evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_step: int | None) -> float | None:
     """The held-out loss of the weights that ship (None without held-out rows); the eval curve's last point when it
     is the last step's and no evaluation during training logged it."""
     final_eval = None
@@ -612,7 +625,7 @@ def save_adapter(peft_model, out_dir: Path) -> None:
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty card; push writes the real one
 
 
-def _train_metrics(
+def train_metrics(
     fit: Fit,
     progress: ProgressLog,
     device: Device,

@@ -123,6 +123,7 @@ def answer_logps(source, adapter: Path | None, rows) -> tuple[torch.Tensor, torc
 
 @dataclass
 class Run:
+    root: Path
     adapter: Path
     metrics: TrainMetrics
     trainer: object  # the trainer that trained (spied on), for what it holds
@@ -144,7 +145,7 @@ def _train(root: Path, tiny_source, train, held_out, method: str, start: Path | 
         adapter, metrics = train_preference_adapter(
             train, held_out, tiny_source, QuantConfig(), LoraSettings(**TINY_LORA), cfg, root / "adapter", start
         )
-    return Run(adapter.path, metrics, trainers[-1])
+    return Run(root, adapter.path, metrics, trainers[-1])
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +205,14 @@ def test_dpo_from_a_new_adapter_is_held_to_the_base(dpo_from_base, base_logps):
     """trl disables the adapter for the reference: at every step its log-probs are the base model's."""
     run = dpo_from_base
     assert "ref" not in run.trainer.model.peft_config and run.trainer.ref_model is None
+    # trl trains each answer through its end of turn once: "<|im_end|>\n" would have become "<|im_end|>\n<|im_end|>"
+    eos = run.trainer.processing_class.eos_token_id
+    for row in run.trainer.train_dataset:
+        for answer in (row["chosen_ids"], row["rejected_ids"]):
+            assert answer[-1] == eos and answer.count(eos) == 1
     expected = (base_logps[0].mean().item(), base_logps[1].mean().item())
     for step, implied in enumerate(_implied_reference(run), start=1):
-        assert implied == pytest.approx(expected, rel=1e-4), f"step {step}"
+        assert implied == pytest.approx(expected, rel=1e-5), f"step {step}"
 
 
 def test_dpo_from_an_adapter_is_held_to_that_adapter_with_one_copy_of_the_base(
@@ -218,7 +224,7 @@ def test_dpo_from_an_adapter_is_held_to_that_adapter_with_one_copy_of_the_base(
     # the reference trl used at every step is the starting adapter, though the adapter trained moved away from it
     expected = (start[0].mean().item(), start[1].mean().item())
     for step, implied in enumerate(_implied_reference(run), start=1):
-        assert implied == pytest.approx(expected, rel=1e-4), f"step {step}"
+        assert implied == pytest.approx(expected, rel=1e-5), f"step {step}"
     # ... held as a frozen copy of the starting LoRA weights on the same base weights: no reference model
     model, trainer = run.trainer.model, run.trainer
     assert trainer.ref_model is None and set(model.peft_config) == {"default", "ref"}
@@ -255,8 +261,50 @@ def _saved_name(param_name: str, adapter: str) -> str:
     return param_name.replace(f".{adapter}.", ".")
 
 
+def test_a_finished_preference_training_rerun_trains_nothing_more(dpo_from_base, tiny_source, pairs):
+    """As SFT's: the rerun of a training that ran to its end takes its last checkpoint, without another step."""
+    first = load_file(dpo_from_base.adapter / "adapter_model.safetensors")
+    rerun = _train(dpo_from_base.root, tiny_source, *pairs, "dpo")
+    assert rerun.metrics.resumed_from_step == rerun.metrics.steps == TINY_PREFERENCE["max_steps"]
+    assert rerun.metrics.loss_curve == []
+    again = load_file(rerun.adapter / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert rerun.metrics.reward_accuracy == dpo_from_base.metrics.reward_accuracy  # from the restored trainer state
+
+
+def test_the_checkpoint_folder_covers_the_method_its_settings_the_rows_and_the_start_adapter(
+    tmp_path, tiny_source, pairs, start_adapter
+):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from core.models import resolve_base
+    from core.training.checkpoints import checkpoint_folder
+
+    base, lora = resolve_base(tiny_source), LoraSettings(**TINY_LORA)
+    nudged = tmp_path / "nudged"
+    shutil.copytree(start_adapter, nudged)
+    weights = load_file(nudged / "adapter_model.safetensors")
+    next(iter(weights.values()))[0, 0] += 1e-3
+    save_file(weights, nudged / "adapter_model.safetensors")
+
+    def key(method="dpo", rows=pairs, start=start_adapter, train=None, **settings) -> str:
+        pref = PreferenceConfig(**settings)
+        cfg = TrainConfig(**(train or {}), method=method, preference=pref)
+        return checkpoint_folder(*rows, base, QuantConfig(), lora, cfg, start_adapter=start).name
+
+    different = [key(), key(method="orpo"), key(beta=0.2), key(loss_type="ipo"), key(learning_rate=1e-4),
+                 key(max_steps=3), key(micro_batch_size=2), key(max_length=128), key(start=None), key(start=nudged),
+                 key(rows=(pairs[0].select(range(PAIRS - 1)), pairs[1])), key(train={"optim": "sgd"})]  # fmt: skip
+    assert len(set(different)) == len(different)
+    # where the rows and the start adapter come from is keyed by their contents, not their names
+    assert key(data={"path": "elsewhere.jsonl", "format": "pairs"}, start_from=3) == key()
+    assert key(train={"logging_steps": 1, "checkpoint_dir": str(tmp_path)}) == key()
+
+
 def test_preference_errors_come_before_loading_anything(tmp_path, tiny_source, pairs, monkeypatch):
-    monkeypatch.setattr(preference, "_setup_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(preference, "setup_model", lambda *a, **k: pytest.fail("loaded a model"))
     train, held_out = pairs
     lora = LoraSettings(**TINY_LORA)
 
