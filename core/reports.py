@@ -29,6 +29,14 @@ class TrainMetrics(HtmlReport):
     eval_curve: list[tuple[int, float]] = Field(default_factory=list)  # (step, eval loss)
     best_step: int | None = None  # train.keep_best: the step whose checkpoint was shipped (lowest eval loss)
     stopped_early: bool = False  # train.early_stopping_patience ended the run before max_steps
+    # Preference stages (train.method dpo/kto/orpo; defaults: an SFT run, or a report written before they existed).
+    # From trl's logs at the last logged step: rewards/accuracies (the share of pairs whose chosen answer's reward
+    # beats the rejected one's; kto logs none) and rewards/margins (mean chosen minus rejected reward, nats x beta).
+    method: str = "sft"
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    eval_reward_accuracy: float | None = None  # the same on the held-out pairs, trainer's final eval
+    eval_reward_margin: float | None = None
 
     def summary(self) -> dict:
         """Every field but the curves, and none that is None: what goes into ZenML metadata (which holds no None)."""
@@ -44,13 +52,15 @@ class TrainMetrics(HtmlReport):
         if self.best_step is not None:
             shipped = f"; shipped: the checkpoint of step {self.best_step} (lowest eval loss)"
         stopped = " (stopped early: eval loss stopped improving)" if self.stopped_early else ""
+        unit = " nats/token" if self.method == "sft" else f" ({self.method} loss)"
         rows = [
             ["optimizer steps", f"{self.steps:,}{resumed}{stopped}{shipped}"],
-            ["train loss, last logged step", f"{self.final_train_loss:.4g} nats/token"],
+            ["train loss, last logged step", f"{self.final_train_loss:.4g}{unit}"],
             [
                 "held-out loss, trainer's eval",
-                "-" if self.final_eval_loss is None else f"{self.final_eval_loss:.4g} nats/token",
+                "-" if self.final_eval_loss is None else f"{self.final_eval_loss:.4g}{unit}",
             ],
+            *self._preference_rows(),
             ["tokens trained (real, non-padding)", f"{self.train_tokens:,}"],
             ["throughput", f"{self.tokens_per_s:.4g} tokens/s"],
             ["training time", f"{self.seconds:.4g} s"],
@@ -69,8 +79,33 @@ class TrainMetrics(HtmlReport):
             "(the eval split, packed like training). The evaluate step's fine-tuned loss is the one the quality gate "
             "uses: the unquantized base with the adapter merged, what merge ships; the two differ by the 4-bit "
             "rounding of the base.</p>"
+            if self.method == "sft"
+            else f"<p>Losses are trl's {self.method} loss, on the 4-bit model with the adapter. "
+            + (
+                "A reward is beta x the answer's mean log p per token (orpo has no reference).</p>"
+                if self.method == "orpo"
+                else "A reward is beta x (log p of the answer with the adapter - with the reference), summed over "
+                "its tokens.</p>"
+            )
         )
-        return f"<h3>Training</h3>{html_table(['', 'value'], rows)}{note}{loss_chart(self.loss_curve, self.eval_curve)}"
+        chart = loss_chart(self.loss_curve, self.eval_curve, unit="nats/token" if self.method == "sft" else "")
+        title = "Training" if self.method == "sft" else f"Preference training ({self.method})"
+        return f"<h3>{title}</h3>{html_table(['', 'value'], rows)}{note}{chart}"
+
+    def _preference_rows(self) -> list[list[str]]:
+        """The preference method and its reward accuracy and margin, train and held-out (none for SFT)."""
+        if self.method == "sft":
+            return []
+
+        def pair(train: float | None, held_out: float | None, fmt: str) -> str:
+            shown = [f"{v:{fmt}} {what}" for v, what in ((train, "train"), (held_out, "held-out")) if v is not None]
+            return ", ".join(shown) or "- (not logged)"
+
+        return [
+            ["preference method", self.method],
+            ["reward accuracy, last logged step", pair(self.reward_accuracy, self.eval_reward_accuracy, ".1%")],
+            ["reward margin (chosen - rejected)", pair(self.reward_margin, self.eval_reward_margin, ".4g")],
+        ]
 
 
 def format_bytes(n: float) -> str:
@@ -97,7 +132,9 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [round(t, 12) for t in ticks]
 
 
-def loss_chart(train: list[tuple[int, float]], evals: list[tuple[int, float]], w: int = 680, h: int = 340) -> str:
+def loss_chart(
+    train: list[tuple[int, float]], evals: list[tuple[int, float]], w: int = 680, h: int = 340, unit: str = "nats/token"
+) -> str:
     """Train loss at every logged step and the held-out loss at every eval, as an inline SVG with axes, ticks and
     units (no plotting library: the dashboard renders it as is)."""
     points = list(train) + list(evals)
@@ -131,7 +168,7 @@ def loss_chart(train: list[tuple[int, float]], evals: list[tuple[int, float]], w
     parts.append(f"<text x='{(left + w - right) / 2}' y='{h - 8}' text-anchor='middle'>optimizer step</text>")
     parts.append(
         f"<text x='14' y='{(top + h - bottom) / 2}' text-anchor='middle' "
-        f"transform='rotate(-90 14 {(top + h - bottom) / 2})'>loss (nats/token)</text>"
+        f"transform='rotate(-90 14 {(top + h - bottom) / 2})'>loss{f' ({unit})' if unit else ''}</text>"
     )
     for curve, color, label, row in (
         (train, "#1f77b4", f"train loss ({len(train)} logged steps)", 0),

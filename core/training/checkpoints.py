@@ -30,19 +30,41 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKERS = ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json")
 
 
-def checkpoint_key(train_ds: Dataset, eval_ds: Dataset, base_identity: str, *settings) -> str:
-    """Same data + base + settings -> same folder, so a rerun finds its checkpoints."""
+# Settings that change nothing trained (where checkpoints go, how often the loss is logged, CPU threads), and the
+# preference stage's data source and start, whose effect is keyed by content: the rows' hash, the start adapter's.
+UNKEYED = {"checkpoint_dir": True, "logging_steps": True, "cpu_threads": True, "preference": {"data", "start_from"}}
+
+
+def checkpoint_key(train_ds: Dataset, eval_ds: Dataset, base_identity: str, *settings, start: str | None = None) -> str:
+    """Same data + base + settings (+ start adapter) -> same folder, so a rerun finds its checkpoints."""
     h = hashlib.sha256()
     for part in (dataset_content_hash(train_ds), dataset_content_hash(eval_ds), base_identity):
         h.update(part.encode())
     for s in settings:
-        h.update(s.model_dump_json(exclude={"checkpoint_dir", "logging_steps", "cpu_threads"}).encode())
+        h.update(s.model_dump_json(exclude=UNKEYED).encode())
+    if start is not None:  # only then: a run from a new adapter keeps the key it always had
+        h.update(f"start:{start}".encode())
     return h.hexdigest()[:16]
 
 
-def checkpoint_folder(train_ds: Dataset, eval_ds: Dataset, base, quant, lora, cfg) -> Path:
-    """train.checkpoint_dir/<checkpoint_key>: where this training's checkpoints go (base: a BaseModelRef)."""
-    return Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg)
+def adapter_identity(folder: Path) -> str:
+    """sha256 of an adapter folder's config and weights: changes whenever the adapter would."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("adapter_*"))
+    if not any(f.name.startswith("adapter_model") for f in files):
+        raise FileNotFoundError(f"{folder} holds no adapter (adapter_config.json + adapter_model.safetensors)")
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def checkpoint_folder(
+    train_ds: Dataset, eval_ds: Dataset, base, quant, lora, cfg, start_adapter: Path | None = None
+) -> Path:
+    """train.checkpoint_dir/<checkpoint_key>: where this training's checkpoints go (base: a BaseModelRef;
+    start_adapter: the adapter a preference stage continues, keyed by its contents)."""
+    start = adapter_identity(start_adapter) if start_adapter is not None else None
+    return Path(cfg.checkpoint_dir) / checkpoint_key(train_ds, eval_ds, base.identity, quant, lora, cfg, start=start)
 
 
 def checkpoint_step(checkpoint: Path | str) -> int:

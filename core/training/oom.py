@@ -38,7 +38,7 @@ def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: 
     run before the OOM may have changed them); `progress` (a ProgressLog) forgets the steps that run again.
     Returns (trainer, train result, checkpoint resumed from).
     """
-    initial = _trainable_weights(peft_model)
+    initial = trainable_weights(peft_model)
     while True:
         trainer = make_trainer(args)
         try:
@@ -55,7 +55,7 @@ def train_with_oom_retry(make_trainer, args, peft_model, run_dir: Path, resume: 
         args = _with_micro_batch(args, *smaller)
 
 
-def _trainable_weights(peft_model) -> dict[str, torch.Tensor]:
+def trainable_weights(peft_model) -> dict[str, torch.Tensor]:
     """A CPU copy of the adapter's trainable weights, to restart from."""
     return {n: p.detach().to("cpu", copy=True) for n, p in peft_model.named_parameters() if p.requires_grad}
 

@@ -45,7 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from core import models
 from core.artifacts import ModelFolder
-from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
+from core.config import LoraSettings, ModelSource, PreferenceConfig, QuantConfig, TrainConfig
 from core.data.mixing import REPLAY, source_of
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
@@ -100,9 +100,16 @@ def lora_config(lora: LoraSettings):
     )
 
 
-def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, gradient_checkpointing: bool):
-    """4-bit base + LoRA adapter (trainable) on top."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def build_model(
+    model: ModelSource,
+    quant: QuantConfig,
+    lora: LoraSettings,
+    gradient_checkpointing: bool,
+    start_adapter: Path | None = None,
+):
+    """4-bit base + LoRA adapter (trainable) on top: a new one from `lora`, or the adapter saved in `start_adapter`
+    (its own LoRA settings) to train further."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     base = models.load_base(model, quant)
     if quant.load_in_4bit:
@@ -112,7 +119,10 @@ def build_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, grad
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    peft_model = get_peft_model(base, lora_config(lora))
+    if start_adapter is None:
+        peft_model = get_peft_model(base, lora_config(lora))
+    else:
+        peft_model = PeftModel.from_pretrained(base, str(start_adapter), is_trainable=True)
     # Record the public name, not this machine's cache path, in adapter_config.json.
     peft_model.peft_config["default"].base_model_name_or_path = models.display_name(model)
     return peft_model
@@ -149,29 +159,54 @@ def local_base_name(peft_model, model: ModelSource):
 def sft_args(
     cfg: TrainConfig, output_dir: Path, *, cuda: bool, dtype: torch.dtype, pack_length: int | None, liger=False
 ):
-    """The SFTConfig of a run: schedule, batch geometry, evaluation and checkpoints, and the fast-path switches."""
+    """The SFTConfig of a run: every run's settings (run_args), packing, and the fast-path switches."""
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir),
-        **_schedule(cfg, cuda),
-        **_batch_geometry(cfg, pack_length),
-        **_evaluation_and_checkpoints(cfg),
-        **_fast_path(cfg, cuda, dtype, liger),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **run_args(cfg, cuda=cuda, dtype=dtype),
+        **_packing(pack_length),
+        **_fast_path(cfg, cuda, liger),
     )
 
 
-def _schedule(cfg: TrainConfig, cuda: bool) -> dict:
-    """How long and how fast the run learns: steps or epochs, learning rate and its schedule, the optimizer."""
+def run_args(
+    cfg: TrainConfig, *, cuda: bool, dtype: torch.dtype, pace: TrainConfig | PreferenceConfig | None = None
+) -> dict:
+    """What every run's trl config holds (SFT's and a preference stage's): schedule, batches, evaluation and
+    checkpoints, device and precision, seed.
+
+    pace: where the length, peak learning rate and batches come from (default `cfg`; a preference stage has its
+    own); everything else is train's.
+    """
+    pace = pace or cfg
     return {
-        "max_steps": cfg.max_steps,
-        "num_train_epochs": cfg.num_epochs,
-        "learning_rate": cfg.learning_rate,
+        **_schedule(cfg, cuda, pace),
+        **_batches(pace),
+        **_evaluation_and_checkpoints(cfg),
+        **_device_and_precision(cfg, cuda, dtype),
+        **_seeded_and_quiet(cfg),
+    }
+
+
+def _seeded_and_quiet(cfg: TrainConfig) -> dict:
+    """The seed of the model's init and the data order; no reporting service, no tqdm bars, no loader workers."""
+    return {
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def _schedule(cfg: TrainConfig, cuda: bool, pace: TrainConfig | PreferenceConfig) -> dict:
+    """How long and how fast the run learns (steps or epochs and the peak learning rate: pace's), the learning rate's
+    schedule and the optimizer (train's)."""
+    return {
+        "max_steps": pace.max_steps,
+        "num_train_epochs": pace.num_epochs,
+        "learning_rate": pace.learning_rate,
         "warmup_steps": cfg.warmup_ratio,  # a float < 1 is a fraction of all steps
         "lr_scheduler_type": cfg.lr_scheduler,
         "weight_decay": cfg.weight_decay,
@@ -179,13 +214,19 @@ def _schedule(cfg: TrainConfig, cuda: bool) -> dict:
     }
 
 
-def _batch_geometry(cfg: TrainConfig, pack_length: int | None) -> dict:
-    """Micro-batch, accumulation and packing: what one optimizer step sees."""
+def _batches(pace: TrainConfig | PreferenceConfig) -> dict:
+    """Rows per forward pass (train and eval) and micro-batches per optimizer step."""
+    return {
+        "per_device_train_batch_size": pace.micro_batch_size,
+        "per_device_eval_batch_size": pace.micro_batch_size,
+        "gradient_accumulation_steps": pace.grad_accum,
+    }
+
+
+def _packing(pack_length: int | None) -> dict:
+    """Packing (pack_length None: none) and how tokens are counted."""
     packing = pack_length is not None
     return {
-        "per_device_train_batch_size": cfg.micro_batch_size,
-        "per_device_eval_batch_size": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
         # Padding-free batches hold no padding, and the pad token (often EOS) also occurs inside rows: count them all.
         "include_num_input_tokens_seen": "all" if packing else "non_padding",
         # Without packing, format_prompts already applied prompt.max_seq_len and its overlong policy. With packing,
@@ -216,14 +257,20 @@ def _evaluation_and_checkpoints(cfg: TrainConfig) -> dict:
     }
 
 
-def _fast_path(cfg: TrainConfig, cuda: bool, dtype: torch.dtype, liger: bool) -> dict:
-    """The device and precision, and the switches that save memory or time (some CUDA only)."""
+def _device_and_precision(cfg: TrainConfig, cuda: bool, dtype: torch.dtype) -> dict:
+    """The device, the precision and gradient checkpointing."""
     return {
         "activation_checkpointing": cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         "activation_checkpointing_kwargs": {"use_reentrant": False},
         "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16,
         "use_cpu": not cuda,
+    }
+
+
+def _fast_path(cfg: TrainConfig, cuda: bool, liger: bool) -> dict:
+    """The switches that save memory or time on CUDA."""
+    return {
         "use_liger_kernel": liger,
         "activation_offloading": cfg.activation_offloading and cuda,
     }
@@ -253,14 +300,27 @@ def make_sft_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
     )
+    return settle_trainer(trainer, dtype)
+
+
+def settle_trainer(trainer, dtype: torch.dtype, before: dict[str, torch.Tensor] | None = None):
+    """A trl trainer as every run uses it: one readable progress line per log, the LoRA weights in the compute dtype.
+
+    before: the trainable weights as they were before the trainer was built (trainable_weights); given, they are put
+    back exactly instead of cast back from bf16, so a trained adapter starts where it was (its own reference, in a
+    preference run, is the same weights to the bit).
+    """
     # With tqdm off, transformers prints every raw log dict; ProgressLog writes one readable line per log instead.
     trainer.remove_callback(PrinterCallback)
     if dtype != torch.bfloat16:
         # trl casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice on GPUs). With fp32
         # compute (CPU, older GPUs) every LoRA matmul then runs in bf16: ~20x slower steps on CPU. Undo it.
-        for param in trainer.model.parameters():
+        before = before or {}
+        for name, param in trainer.model.named_parameters():
             if param.requires_grad:
-                param.data = param.data.to(dtype)
+                # a copy of `before`: the optimizer updates these weights in place, the caller's stay as they were
+                source = before[name] if name in before else param.data
+                param.data = source.to(param.device, dtype, copy=name in before)
     return trainer
 
 
@@ -423,25 +483,25 @@ def _train_in(
     # Before loading anything: fail in seconds, not after hours of training with nowhere to save.
     check_disk_space(run_dir, *count_parameters(model, lora), cfg.save_total_limit)
     resume = latest_complete_checkpoint(run_dir)
-    device = _setup_device(quant, cfg)
+    device = setup_device(quant, cfg)
     # Settings errors before the model loads: fail in seconds.
     pack_length = packed_sequence_length(cfg, longest_row(train_ds, eval_ds))
     liger = resolve_liger(cfg.use_liger_kernel, device.cuda)
     tokenizer = models.load_tokenizer(model)
-    peft_model = _setup_model(model, quant, lora, cfg)
+    peft_model = setup_model(model, quant, lora, cfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
     args = _setup_args(cfg, run_dir, device, pack_length, liger)
     progress = ProgressLog()
     make_trainer = _trainer_factory(peft_model, train_ds, eval_ds, tokenizer, device, cfg, progress, callbacks)
-    fit = _fit(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
-    best_step = _best_step(fit.trainer, args)
-    final_eval = _evaluate_shipped(fit.trainer, eval_ds, progress, best_step)
+    fit = train_to_end(make_trainer, args, peft_model, model, run_dir, resume, progress, device)
+    best_step = best_checkpoint_step(fit.trainer, args)
+    final_eval = evaluate_shipped(fit.trainer, eval_ds, progress, best_step)
     save_adapter(peft_model, out_dir)
-    metrics = _train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
+    metrics = train_metrics(fit, progress, device, cfg, final_eval, best_step, (trainable, total))
     return ModelFolder(out_dir), metrics
 
 
-def _setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
+def setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
     """CUDA or the CPU, the compute dtype at its full precision, and torch's CPU threads; logs the compute settings."""
     cuda = torch.cuda.is_available()
     dtype = models.compute_dtype(quant.compute_dtype)
@@ -452,12 +512,14 @@ def _setup_device(quant: QuantConfig, cfg: TrainConfig) -> Device:
     return Device(cuda=cuda, dtype=dtype, cpu_share=cpu_share)
 
 
-def _setup_model(model: ModelSource, quant: QuantConfig, lora: LoraSettings, cfg: TrainConfig):
-    """The 4-bit base with a new LoRA adapter on top, initialised from cfg.seed."""
+def setup_model(
+    model: ModelSource, quant: QuantConfig, lora: LoraSettings, cfg: TrainConfig, start_adapter: Path | None = None
+):
+    """The 4-bit base with a new LoRA adapter on top, initialised from cfg.seed (or the one in start_adapter)."""
     # The LoRA init draws from torch's global RNG before the trainer seeds it: seed here, or the same seed gives
     # a different adapter on every run (and a resumed run could never match an uninterrupted one).
     set_seed(cfg.seed)
-    return build_model(model, quant, lora, cfg.gradient_checkpointing)
+    return build_model(model, quant, lora, cfg.gradient_checkpointing, start_adapter)
 
 
 def _setup_args(cfg: TrainConfig, run_dir: Path, device: Device, pack_length: int | None, liger: bool):
@@ -497,13 +559,13 @@ def _trainer_factory(
             device.dtype,
             labels_only_logits=cfg.labels_only_logits,
             kl=kl,
-            callbacks=_trainer_callbacks(progress, device, cfg, callbacks),
+            callbacks=trainer_callbacks(progress, device, cfg, callbacks),
         )
 
     return make_trainer
 
 
-def _trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, extra: list | None) -> list:
+def trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, extra: list | None) -> list:
     """The progress log, the CPU share, early stopping when set, and the caller's callbacks."""
     return (
         [progress]
@@ -513,7 +575,9 @@ def _trainer_callbacks(progress: ProgressLog, device: Device, cfg: TrainConfig, 
     )
 
 
-def _fit(make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resume, progress, device: Device) -> Fit:
+def train_to_end(
+    make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resume, progress, device: Device
+) -> Fit:
     """Train to the end from `resume` (retrying smaller after CUDA OOM), or take a training that had already ended."""
     if resume:
         logger.info("resuming from %s", resume)
@@ -532,13 +596,13 @@ def _fit(make_trainer, args, peft_model, model: ModelSource, run_dir: Path, resu
     return Fit(trainer=trainer, last_loss=last_loss, resumed_from=resume, seconds=time.perf_counter() - started)
 
 
-def _best_step(trainer, args) -> int | None:
+def best_checkpoint_step(trainer, args) -> int | None:
     """The step of the checkpoint that ships with keep_best (the lowest eval loss); None without keep_best."""
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     return checkpoint_step(best) if best else None
 
 
-def _evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_step: int | None) -> float | None:
+def evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_step: int | None) -> float | None:
     """The held-out loss of the weights that ship (None without held-out rows); the eval curve's last point when it
     is the last step's and no evaluation during training logged it."""
     final_eval = None
@@ -555,12 +619,13 @@ def _evaluate_shipped(trainer, eval_ds: Dataset, progress: ProgressLog, best_ste
 def save_adapter(peft_model, out_dir: Path) -> None:
     """adapter_config.json + adapter_model.safetensors in out_dir, without peft's empty model card."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The embeddings are not trained, and checking whether they were would look the base model up on the Hub.
-    peft_model.save_pretrained(out_dir, save_embedding_layers=False)
+    # The embeddings are not trained, and checking whether they were would look the base model up on the Hub. Only
+    # the trained "default" adapter: a preference run's frozen reference copy ("ref") is not part of the result.
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False, selected_adapters=["default"])
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty card; push writes the real one
 
 
-def _train_metrics(
+def train_metrics(
     fit: Fit,
     progress: ProgressLog,
     device: Device,
