@@ -316,6 +316,7 @@ class ReplayConfig(StrictModel):
             raise ValueError("the replay source is one plain source: no mix, eval_path or eval_split")
         return data
 
+
 BUNDLED_PREFERENCE = "data/acme_preference/train.jsonl"  # Acme support answer pairs (its README.md)
 
 
@@ -365,7 +366,9 @@ class PreferenceConfig(StrictModel):
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_length: int = Field(
-        256, ge=16, description="The longest prompt + answer in tokens; a longer row is handled by prompt.overlong (fail names "
+        256,
+        ge=16,
+        description="The longest prompt + answer in tokens; a longer row is handled by prompt.overlong (fail names "
         "it; drop and truncate drop it: a preference answer is never cut).",
     )
 

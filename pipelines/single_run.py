@@ -16,6 +16,7 @@ from core.data.ingest import source_fingerprint
 from core.data.mixing import REPLAY
 from core.models import BaseModelRef
 from core.runs import tracking
+from pipelines.preference import preference_run
 from steps.evaluate import evaluate
 from steps.export_gguf import export_gguf
 from steps.format_prompts import format_prompts
@@ -178,8 +179,6 @@ def single_run(config: PipelineConfig, base: BaseModelRef) -> None:
     replay = replay_source(config, base, after=["format_prompts"])
     train_ds = mix_training_data(config, base, train_ds, eval_ds, general=general, replay=replay)
     if config.train.method != "sft":  # dpo / kto / orpo: SFT (or another start) then the preference stage
-        from pipelines.preference import preference_run
-
         adapter, metrics, report = preference_run(config, base, train_ds, eval_ds, general=general)
     else:
         # train.num_processes > 1 trains across N GPUs inside the same step (core/training/distributed.py)

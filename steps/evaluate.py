@@ -47,7 +47,9 @@ def evaluate(
         reference = registry.stage_reference(model_name, stage, dataset_content_hash(eval_dataset), task=task)
     # a preference run: its held-out pairs, scored by the base, the adapter the stage started from and this one
     preference = (
-        PreferenceInputs(preference_dataset, start_adapter, start_name, beta) if preference_dataset is not None else None
+        PreferenceInputs(preference_dataset, start_adapter, start_name, beta)
+        if preference_dataset is not None
+        else None
     )
     report = evaluate_adapter(
         adapter,

@@ -128,7 +128,9 @@ def evaluate_preferences(
     peft_model.set_adapter("default")
     tuned = score_pairs(peft_model, token_ids, batch_size, pad)
     n = len(token_ids)
-    wins = {name: (rows.margins > 0).astype(float) for name, rows in (("base", base), ("start", start), ("tuned", tuned))}
+    wins = {
+        name: (rows.margins > 0).astype(float) for name, rows in (("base", base), ("start", start), ("tuned", tuned))
+    }
     return PreferenceEval(
         rows=n,
         beta=beta,

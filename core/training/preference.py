@@ -36,6 +36,7 @@ from datasets import Dataset
 from core import models
 from core.artifacts import ModelFolder
 from core.config import LoraSettings, ModelSource, QuantConfig, TrainConfig
+from core.data.preference import kto_rows
 from core.models import BaseModelRef
 from core.reports import TrainMetrics
 from core.training.checkpoints import checkpoint_folder, checkpoint_lock, in_process_group, latest_complete_checkpoint
@@ -90,6 +91,8 @@ def train_preference_adapter(
     new adapter from `lora`, held to the base. The schedule is cfg.preference's; the optimizer, scheduler, warmup,
     checkpoints, logging, seed, threads, gradient checkpointing and evals are train's.
     """
+    if cfg.method == "kto":  # held-out pairs stay pairs for evaluation; KTO's eval loss reads them as rows
+        eval_ds = kto_rows(eval_ds)
     check_preference_run(train_ds, eval_ds, cfg)
     base = models.resolve_base(base)
     start = Path(start_adapter) if start_adapter is not None else None

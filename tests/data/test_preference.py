@@ -419,5 +419,7 @@ def test_step_stores_both_splits_under_their_names_with_token_stats(zenml_home, 
     step_run = Client().get_pipeline_run(_format_only(resolve_base(tiny_source)).id).steps["format_preference"]
     train = step_run.outputs["preference_train"][0]
     held_out = step_run.outputs["preference_eval"][0].load()
-    assert len(train.load()) == 8 and held_out["id"] == ["e.jsonl:1"] and held_out["chosen"][0] != held_out["rejected"][0]
+    assert (
+        len(train.load()) == 8 and held_out["id"] == ["e.jsonl:1"] and held_out["chosen"][0] != held_out["rejected"][0]
+    )
     assert train.run_metadata["rows"] == 8 and train.run_metadata["method"] == "kto"

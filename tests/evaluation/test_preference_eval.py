@@ -20,7 +20,9 @@ def _pairs(tokenizer, n: int = 12) -> Dataset:
     rows = {"id": [], "prompt": [], "chosen": [], "rejected": []}
     for i in range(n):
         messages = with_system([{"role": "user", "content": f"What is code {i}?"}], "You answer.")
-        prompt, chosen = render(messages + [{"role": "assistant", "content": f"Code {i} is {i * 7}."}], tokenizer, "chat")
+        prompt, chosen = render(
+            messages + [{"role": "assistant", "content": f"Code {i} is {i * 7}."}], tokenizer, "chat"
+        )
         prompt2, rejected = render(messages + [{"role": "assistant", "content": "There is a fee."}], tokenizer, "chat")
         assert prompt == prompt2
         rows["id"].append(f"p:{i}")
