@@ -51,6 +51,10 @@ def tiny_preference_config(root: Path, tiny_model_dir: Path, method: str) -> Pat
     config["train"]["preference"].update(learning_rate=5e-3, num_epochs=2)
     config["evaluate"].update(num_generate=2, max_new_tokens=4, general_max_new_tokens=4)
     config["evaluate"]["gate"]["min_loss_improvement"] = 0.01  # the tiny model's held-out loss falls a few %
+    # The random tiny model's logits span ~2 units, so fp16 rounding in its merge is a larger share of them than of a
+    # trained model's: after kto its merged logits measured 2.4% of that span off base+adapter (0.4% after dpo;
+    # 8.5e-7 in fp32, so the merge itself is right).
+    config["merge"]["logit_rtol"] = 0.05
     path = root / "preference.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
