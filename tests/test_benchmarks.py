@@ -77,3 +77,37 @@ def test_gpu_presets_exit_cleanly_without_cuda(tmp_path):
     )
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr
+
+
+PREFERENCE_BENCH = REPO_ROOT / "benchmarks" / "preference.py"
+
+
+@pytest.mark.bench
+def test_preference_benchmark_smoke_rows(tmp_path):
+    out = tmp_path / "preference.json"
+    command = [sys.executable, str(PREFERENCE_BENCH), "--preset", "smoke", "--rows", "sft,dpo,kto", "--json", str(out)]
+    proc = subprocess.run(
+        command, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["row"] for r in rows] == ["sft", "dpo", "kto"]
+    for r in rows:
+        assert r["steps"] == 2 and r["real_tokens_per_s"] > 0 and r["s_per_step"] > 0
+        assert r["peak_mem_bytes"] > 100 * 2**20 and math.isfinite(r["first_loss"])
+    sft, dpo, kto = rows
+    # dpo trains on the chosen and the rejected sequence of each of sft's rows: about twice the tokens
+    assert 1.5 < dpo["train_tokens"] / sft["train_tokens"] < 2.5
+    assert kto["train_tokens"] == pytest.approx(dpo["train_tokens"], rel=0.2)  # the same sequences, as rows
+    assert "x sft" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_preference_gpu_preset_exits_cleanly_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the GPU preset would run")
+    proc = subprocess.run(
+        [sys.executable, str(PREFERENCE_BENCH), "--preset", "gpu-1b"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
