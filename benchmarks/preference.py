@@ -121,7 +121,9 @@ def run_row(kind: str, preset: str) -> dict:
     if kind.startswith("sft"):
         _, metrics = train_adapter(rows, held_out, source, config.quant, config.lora, train, work / "adapter")
     else:
-        _, metrics = train_preference_adapter(rows, held_out, source, config.quant, config.lora, train, work / "adapter")
+        _, metrics = train_preference_adapter(
+            rows, held_out, source, config.quant, config.lora, train, work / "adapter"
+        )
     losses = [loss for _, loss in metrics.loss_curve]
     return {
         "row": kind,

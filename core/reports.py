@@ -282,6 +282,29 @@ class EvalReport(HtmlReport):
     # preference runs (train.method dpo/kto/orpo): held-out pairs for base, start and tuned; None otherwise
     preference: PreferenceEval | None = None
 
+    def summary_lines(self, label: str) -> list[str]:
+        """One log line each for the held-out scores, the probe and the held-out pairs, base -> fine-tuned."""
+        b, t = self.base, self.tuned
+        lines = [
+            f"{label}: eval loss base {b.loss:.4f} -> fine-tuned {t.loss:.4f}; ROUGE-L {b.rouge_l:.3f} -> "
+            f"{t.rouge_l:.3f}; exact match {b.exact_match:.2f} -> {t.exact_match:.2f}; gate "
+            + ("passed" if self.gate_passed else "FAILED")
+        ]
+        if self.general_base is not None and self.general_tuned is not None:
+            g0, g1 = self.general_base, self.general_tuned
+            lines.append(
+                f"{label}: general-ability probe ({self.general_rows} rows): loss {g0.loss:.4f} -> {g1.loss:.4f}; "
+                f"exact match {g0.exact_match:.2f} -> {g1.exact_match:.2f}; ROUGE-L {g0.rouge_l:.3f} -> {g1.rouge_l:.3f}"
+            )
+        if (p := self.preference) is not None:
+            d = p.tuned_minus_start
+            lines.append(
+                f"{label}: preference accuracy on {p.rows} held-out pairs: base {p.base.accuracy:.3f}, {p.start_name} "
+                f"{p.start.accuracy:.3f} -> tuned {p.tuned.accuracy:.3f} (tuned - start {d.delta:+.3f}, 95% CI "
+                f"{d.low:+.3f} to {d.high:+.3f}); mean reward margin {p.tuned.reward_margin:+.4f}"
+            )
+        return lines
+
     def to_html(self) -> str:
         generated = len(self.samples)
         gate = "PASSED" if self.gate_passed else "FAILED"

@@ -62,45 +62,8 @@ def evaluate(
     )
     for line in report.gate_messages:
         logger.info("gate: %s", line)
-    logger.info(
-        "%s: eval loss base %.4f -> fine-tuned %.4f; ROUGE-L %.3f -> %.3f; exact match %.2f -> %.2f; gate %s",
-        candidate.label,
-        report.base.loss,
-        report.tuned.loss,
-        report.base.rouge_l,
-        report.tuned.rouge_l,
-        report.base.exact_match,
-        report.tuned.exact_match,
-        "passed" if report.gate_passed else "FAILED",
-    )
-    if report.general_base is not None and report.general_tuned is not None:
-        g0, g1 = report.general_base, report.general_tuned
-        logger.info(
-            "%s: general-ability probe (%d rows): loss %.4f -> %.4f; exact match %.2f -> %.2f; ROUGE-L %.3f -> %.3f",
-            candidate.label,
-            report.general_rows,
-            g0.loss,
-            g1.loss,
-            g0.exact_match,
-            g1.exact_match,
-            g0.rouge_l,
-            g1.rouge_l,
-        )
-    if (p := report.preference) is not None:
-        logger.info(
-            "%s: preference accuracy on %d held-out pairs: base %.3f, %s %.3f -> tuned %.3f (tuned - start %+.3f, "
-            "95%% CI %+.3f to %+.3f); mean reward margin %+.4f",
-            candidate.label,
-            p.rows,
-            p.base.accuracy,
-            p.start_name,
-            p.start.accuracy,
-            p.tuned.accuracy,
-            p.tuned_minus_start.delta,
-            p.tuned_minus_start.low,
-            p.tuned_minus_start.high,
-            p.tuned.reward_margin,
-        )
+    for line in report.summary_lines(candidate.label):  # held-out scores, the probe, held-out pairs
+        logger.info(line)
     tracking.log_evaluation(report, candidate)  # MLflow, when tracked
     evaluation = registry.evaluation_summary(report)
     who = {candidate.kind: candidate.name} if candidate.name else {}
