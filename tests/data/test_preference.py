@@ -372,9 +372,15 @@ def read(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def runs(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    """Every n words in a row of text, lowercased, without the punctuation around them."""
+    words = [w.strip(".,;:!?") for w in text.lower().split()]
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
 def test_bundled_set_holds_out_new_prompts_and_every_pair_disagrees():
     train, held_out = read(BUNDLED / "train.jsonl"), read(BUNDLED / "eval.jsonl")
-    assert (len(train), len(held_out)) == (160, 48)
+    assert (len(train), len(held_out)) == (224, 80)
     train_prompts = {r["prompt"] for r in train}
     assert len(train_prompts) == len(train) and not train_prompts & {r["prompt"] for r in held_out}
     probes = {
@@ -382,9 +388,28 @@ def test_bundled_set_holds_out_new_prompts_and_every_pair_disagrees():
         for p in ("general_probe", "general_probe_heldout")
         for r in read(REPO_ROOT / "data" / p / "probe.jsonl")
     }
-    assert not probes & (train_prompts | {r["prompt"] for r in held_out})
+    sft = {
+        r["instruction"]
+        for split in ("train", "eval")
+        for r in read(REPO_ROOT / "data" / "acme_support" / f"{split}.jsonl")
+    }
+    assert not (probes | sft) & (train_prompts | {r["prompt"] for r in held_out})
     assert all(r["chosen"].strip() != r["rejected"].strip() for r in train + held_out)
     assert all(len(r["chosen"].split()) <= 25 for r in train + held_out)
+    # every kind of wrong answer is trained on and held out
+    assert {r["rejected_kind"] for r in train} == {r["rejected_kind"] for r in held_out}
+    # declined exceptions: SFT's answers never refuse one, so these pairs measure what the preference stage adds;
+    # each chosen answer restates an acme_support answer (4 words of it in a row: "12% restocking fee", "$1,200 in a
+    # calendar year"), and no chosen or rejected sentence is used twice
+    exceptions = {
+        name: [r for r in rows if r["rejected_kind"] == "grants_exception"]
+        for name, rows in (("train", train), ("eval", held_out))
+    }
+    assert (len(exceptions["train"]), len(exceptions["eval"])) == (64, 32)
+    declined = exceptions["train"] + exceptions["eval"]
+    policy = set().union(*(runs(r["output"]) for r in read(REPO_ROOT / "data" / "acme_support" / "train.jsonl")))
+    assert all(runs(r["chosen"]) & policy for r in declined)
+    assert len({r["chosen"] for r in declined}) == len({r["rejected"] for r in declined}) == len(declined)
 
 
 def test_bundled_set_validates_clean_and_formats_with_the_default_prompt():
@@ -393,11 +418,11 @@ def test_bundled_set_validates_clean_and_formats_with_the_default_prompt():
     data = PreferenceConfig().data  # the bundled set is the preference stage's default data
     data = data.model_copy(update={"path": str(REPO_ROOT / data.path), "eval_path": str(REPO_ROOT / data.eval_path)})
     clean, report = validate_dataset(load_rows(data), ValidationConfig(policy="fail"))
-    assert report.success and len(clean) == 208
+    assert report.success and len(clean) == 304
     prompt = load_config(REPO_ROOT / "configs" / "default.yaml").prompt
     tokenizer = load_tokenizer(ModelSource())  # the bundled model's, which the default config trains
     train, held_out, stats = format_preference(clean, tokenizer, prompt, PreferenceConfig().max_length, "dpo")
-    assert (len(train), len(held_out), stats["dropped_overlong"]) == (160, 48, 0)
+    assert (len(train), len(held_out), stats["dropped_overlong"]) == (224, 80, 0)
     assert train[0]["prompt"].startswith(f"<|im_start|>system\n{prompt.system_prompt}<|im_end|>")
 
 
