@@ -1,0 +1,1 @@
+"""The feedback loop: served answers logged, rated and corrected (store.py), and turned into training data."""
