@@ -35,6 +35,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from core import artifact_names, models
 from core.config import ModelSource, StrictModel
+from core.feedback.config import RequestLogConfig
 from core.prompts import check_template
 from core.serving.batching import BatchEngine, Engine, Generation
 
@@ -103,6 +104,12 @@ class ServeConfig(StrictModel):
     # llama_cpp: llama-server's KV cache in tokens, shared by all slots (each gets ctx_size / parallel);
     # None: context_length x parallel, so every slot holds a whole context.
     ctx_size: int | None = Field(None, ge=64)
+    # The request log (core/feedback/requestlog.py, docs/serving.md): every completion served is recorded, and
+    # POST /v1/feedback rates or corrects it. false: nothing is recorded and the feedback routes answer 404.
+    log_requests: bool = Field(True, description="Record every completion served; false turns the log off.")
+    request_log: RequestLogConfig = Field(
+        default_factory=RequestLogConfig, description="Where completions are recorded, redaction, retention, buffer."
+    )
 
     @model_validator(mode="after")
     def _4bit_only_with_adapters(self) -> ServeConfig:
