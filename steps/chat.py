@@ -9,6 +9,7 @@ reaches it by another way (e.g. /submit) fails that run with a ServeRequestError
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from zenml import get_step_context, step
@@ -16,6 +17,7 @@ from zenml.logger import get_logger
 
 from core.artifact_names import ADAPTER_NAME, ANSWER, COMPLETION_TOKENS, PROMPT_TOKENS
 from core.runs.caching import step_cache_policy
+from core.serving.completion_log import record_invoke
 from core.serving.model import ServedModel, ServeLoadError, answer
 
 logger = get_logger(__name__)
@@ -42,7 +44,10 @@ def chat(
     Annotated[int, COMPLETION_TOKENS],
 ]:
     served = served_model_from_context()
+    started = time.perf_counter()
     out = answer(served, prompt, adapter, max_new_tokens, temperature)
+    # the request log's id for /invoke: the run id its client receives as metadata.run_id
+    record_invoke(served, get_step_context().pipeline_run.id, prompt, out, max_new_tokens, temperature, started)
     logger.info(
         "adapter %s: %d prompt + %d completion tokens", out["adapter"], out["prompt_tokens"], out["completion_tokens"]
     )

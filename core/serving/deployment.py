@@ -15,6 +15,7 @@ from zenml.deployers.server.service import PipelineDeploymentService
 from zenml.steps.step_context import get_or_create_run_context
 
 from core.logs import quiet_libraries
+from core.serving.completion_log import open_request_log
 from core.serving.model import ServeConfig, ServedModel, ServeRequestError, load_served_model, validate_request
 
 logger = logging.getLogger(__name__)
@@ -28,12 +29,14 @@ def load_server_state(config: ServeConfig | None = None) -> Any:
     # ZenML validates the hook kwargs at deploy time, stores them as JSON, and passes them back as a dict.
     cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config or {})
     served = load_served_model(cfg)
+    served.request_log = open_request_log(cfg)
     logger.info("serving %s", served.info)
     return served
 
 
 def stop_server_state() -> None:
-    """on_cleanup hook: stop the engine (engine llama_cpp: its llama-server child) when the server shuts down."""
+    """on_cleanup hook: stop the engine (engine llama_cpp: its llama-server child) and write what the request log
+    holds, when the server shuts down."""
     try:
         served = get_or_create_run_context().state
     except RuntimeError:
@@ -41,6 +44,8 @@ def stop_server_state() -> None:
     if isinstance(served, ServedModel) and served._engine is not None:
         logger.info("stopping the %s engine", served.config.engine)
         served._engine.stop()
+    if isinstance(served, ServedModel) and served.request_log is not None:
+        served.request_log.close()
 
 
 class ChatDeploymentService(PipelineDeploymentService):

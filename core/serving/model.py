@@ -237,6 +237,8 @@ class ServedModel:
     # The engine every request goes through: a BatchEngine made on first use, or (engine: llama_cpp) the
     # LlamaCppEngine started at load.
     _engine: Engine | None = None
+    # Where every completion served is recorded (core/feedback/requestlog.py's RequestLog); None: log_requests off.
+    request_log: Any = None
 
     @property
     def is_peft(self) -> bool:

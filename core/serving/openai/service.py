@@ -8,7 +8,9 @@ A chat completion goes through four steps:
    core/serving/llamacpp_engine.py's LlamaCppEngine); a full queue, or llama-server restarting, is 503.
 3. `whole_completion` waits for the end and answers one ChatCompletion, or `stream_chunks` sends each piece of text
    as it comes, as server-sent events in OpenAI's chunk format.
-4. Either way, a request whose client went away leaves its batch (the generation is cancelled).
+4. Either way, a request whose client went away leaves its batch (the generation is cancelled). A completion
+   answered whole, or a stream that reached its finish chunk, is recorded in the request log
+   (core/serving/completion_log.py).
 
 core/serving/openai/routes.py turns the results into HTTP responses.
 """
@@ -19,12 +21,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from core.serving import completion_log
 from core.serving.batching import EngineStoppedError, EngineUnavailableError, Generation, QueueFullError
 from core.serving.model import ServedModel, conversation_ids
 from core.serving.openai.errors import OpenAIError, invalid_request
@@ -60,6 +63,7 @@ class ChatJob:
     generation: Generation
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)  # for the request log's latency
 
     def cancel_if_running(self) -> None:
         """The client went away (or we are done): a row still generating leaves its batch."""
@@ -212,8 +216,11 @@ async def first_event(job: ChatJob, events: asyncio.Queue) -> tuple[str, Any]:
     return kind, value
 
 
-async def stream_chunks(job: ChatJob, events: asyncio.Queue, first: tuple[str, Any]) -> AsyncIterator[str]:
-    """Server-sent events: the role, each piece of text, the finish reason (then the usage if asked), [DONE]."""
+async def stream_chunks(
+    job: ChatJob, events: asyncio.Queue, first: tuple[str, Any], on_done: Callable[[], None] = lambda: None
+) -> AsyncIterator[str]:
+    """Server-sent events: the role, each piece of text, the finish reason (then the usage if asked), [DONE].
+    `on_done` runs once the finish chunk is sent (not after an error or a client that went away)."""
     try:
         yield event(chunk(job, Delta(role="assistant", content="")))
         kind, value = first
@@ -225,6 +232,7 @@ async def stream_chunks(job: ChatJob, events: asyncio.Queue, first: tuple[str, A
                 break
             else:
                 yield event(chunk(job, Delta(), finish=value))
+                on_done()
                 if job.request.include_usage:
                     yield event(chunk(job, Delta()).model_copy(update={"choices": [], "usage": usage(job)}))
                 break
@@ -245,5 +253,8 @@ async def create_chat_completion(served: ServedModel, body: Any) -> ChatCompleti
     job = parse_chat_request(served, body)
     events = submit(served, job)
     if job.request.stream:
-        return stream_chunks(job, events, await first_event(job, events))
-    return await whole_completion(job, events)
+        first = await first_event(job, events)
+        return stream_chunks(job, events, first, lambda: completion_log.record_chat(served, job, stream=True))
+    answer = await whole_completion(job, events)
+    completion_log.record_chat(served, job, stream=False)
+    return answer
