@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Field,
     ValidationError,
     ValidationInfo,
     WrapValidator,
@@ -320,3 +322,90 @@ class ErrorResponse(BaseModel):
     """Every error body: built in one place, core.serving.openai.errors.OpenAIError.body()."""
 
     error: ErrorInfo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feedback (core/serving/openai/feedback.py): not OpenAI's API, but in its style and error shape
+# ---------------------------------------------------------------------------------------------------------------
+
+RATING_ERROR = '{param} must be "up", "down" or an integer score from 1 to 5'
+
+
+def _rating(value: str | int) -> str | int:
+    if isinstance(value, int) and not 1 <= value <= 5:
+        raise _invalid(RATING_ERROR)
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise _invalid("{param} must not be empty")
+    return value
+
+
+class FeedbackRequest(OpenAIModel):
+    """POST /v1/feedback: a rating of a completion this deployment answered, and maybe the answer it should have been.
+    One per (completion_id, source): sending it again updates it."""
+
+    completion_id: Annotated[str, AfterValidator(_not_blank)]  # the `id` of the chat completion (or /invoke run id)
+    rating: Annotated[Literal["up", "down"] | int, one_error(RATING_ERROR), AfterValidator(_rating)]
+    correction: str | None = None  # the answer it should have been
+    comment: str | None = None
+    source: Annotated[str, AfterValidator(_not_blank)] = "api"  # who rates: a review tool, an app, a user id
+
+    def fields(self) -> dict[str, Any]:
+        """The feedback columns (core/feedback/store.py): a word goes to `rating`, a number to `score`."""
+        word = isinstance(self.rating, str)
+        return dict(
+            rating=self.rating if word else None,
+            score=None if word else self.rating,
+            correction=self.correction,
+            comment=self.comment,
+        )
+
+
+class FeedbackQuery(BaseModel):
+    """GET /v1/feedback's query: updated in [since, until), the served version, the rating; at most `limit` rows."""
+
+    model_config = ConfigDict(extra="forbid")  # query strings: not strict ("5" is a number here)
+
+    since: datetime | None = None
+    until: datetime | None = None
+    version: str | None = None
+    rating: Literal["up", "down"] | None = None
+    limit: Annotated[int, Field(ge=1, le=10000)] = 1000
+
+
+class CompletionRecord(BaseModel):
+    id: str
+    created_at: datetime
+    endpoint: str
+    model: str
+    version: str
+    adapter: str
+    messages: list[dict[str, Any]]
+    answer: str
+    sampling: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    stream: bool
+
+
+class FeedbackRecord(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    id: int
+    completion_id: str
+    source: str
+    rating: str | None
+    score: int | None
+    correction: str | None
+    comment: str | None
+    created_at: datetime
+    updated_at: datetime
+    completion: CompletionRecord | None = None  # GET /v1/feedback: what was asked and answered
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackRecord]

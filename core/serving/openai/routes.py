@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints on the serving deployment: `GET /v1/models`, `POST /v1/chat/completions`.
+"""OpenAI-compatible endpoints on the serving deployment: `GET /v1/models`, `POST /v1/chat/completions`, and the
+feedback routes on its request log: `POST /v1/feedback`, `GET /v1/feedback`, `GET /v1/feedback/stats`.
 
 Registered as custom endpoints of the ZenML deployment (pipelines/serve_pipeline.py), next to ZenML's own `/invoke`. Any OpenAI client
 works against it:
@@ -19,8 +20,8 @@ works against it:
   request must carry it as the bearer token (the client's `api_key`): otherwise 401, before any model work. A
   deployment without a key answers only requests that reach it on a loopback address.
 
-This module holds the HTTP side only: the access check and the two route handlers (`OpenAIRoutes`). The shapes are
-protocol.py's, the errors errors.py's, and what each route does (checks, generation, answers) service.py's.
+This module holds the HTTP side only: the access check and the route handlers (`OpenAIRoutes`). The shapes are
+protocol.py's, the errors errors.py's, and what each route does service.py's (chat) and feedback.py's (feedback).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from core.serving.openai import feedback
 from core.serving.openai.errors import OpenAIError
 from core.serving.openai.protocol import ChatCompletion
 from core.serving.openai.service import create_chat_completion, list_models
@@ -83,7 +85,7 @@ async def read_json(request: Request) -> Any:
 
 @dataclass
 class OpenAIRoutes:
-    """The two route handlers; `auth_key()` and `served_model()` are read per request (the key may be set after
+    """The route handlers; `auth_key()` and `served_model()` are read per request (the key may be set after
     the app is built, the model loads after the server starts)."""
 
     auth_key: Callable[[], str | None]
@@ -114,12 +116,38 @@ class OpenAIRoutes:
             return JSONResponse(answer.model_dump())
         return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def post_feedback(self, request: Request) -> Response:
+        """POST /v1/feedback: 200 only once the feedback is committed."""
+        try:
+            record = await feedback.post_feedback(self.admit(request), await read_json(request))
+            return JSONResponse(record.model_dump(mode="json"))
+        except OpenAIError as err:
+            return error_response(err)
+
+    async def list_feedback(self, request: Request) -> Response:
+        """GET /v1/feedback?since=&until=&version=&rating=&limit="""
+        try:
+            rows = await feedback.list_feedback(self.admit(request), dict(request.query_params))
+            return JSONResponse(rows.model_dump(mode="json"))
+        except OpenAIError as err:
+            return error_response(err)
+
+    async def feedback_stats(self, request: Request) -> Response:
+        """GET /v1/feedback/stats"""
+        try:
+            return JSONResponse(feedback.request_log_stats(self.admit(request)))
+        except OpenAIError as err:
+            return error_response(err)
+
 
 def add_routes(app, auth_key: Callable[[], str | None], served_model: Callable[[], Any]) -> None:
-    """Both routes on a FastAPI `app` (what the deployment registers, without ZenML around it: tests)."""
+    """Every route on a FastAPI `app` (what the deployment registers, without ZenML around it: tests)."""
     routes = OpenAIRoutes(auth_key, served_model)
     app.get("/v1/models")(routes.models)
     app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/feedback")(routes.post_feedback)
+    app.get("/v1/feedback")(routes.list_feedback)
+    app.get("/v1/feedback/stats")(routes.feedback_stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,3 +182,18 @@ def models_endpoint(app_runner, **_: Any):
 def chat_completions_endpoint(app_runner, **_: Any):
     """ZenML endpoint builder for `POST /v1/chat/completions`."""
     return deployment_routes(app_runner).chat_completions
+
+
+def post_feedback_endpoint(app_runner, **_: Any):
+    """ZenML endpoint builder for `POST /v1/feedback`."""
+    return deployment_routes(app_runner).post_feedback
+
+
+def list_feedback_endpoint(app_runner, **_: Any):
+    """ZenML endpoint builder for `GET /v1/feedback`."""
+    return deployment_routes(app_runner).list_feedback
+
+
+def feedback_stats_endpoint(app_runner, **_: Any):
+    """ZenML endpoint builder for `GET /v1/feedback/stats`."""
+    return deployment_routes(app_runner).feedback_stats
