@@ -9,6 +9,8 @@
 # make test-gguf   only the tests that need it (pytest -m gguf: tests/export/test_gguf_llamacpp.py)
 # make tracking    MLflow experiment tracking: the `tracking` extra and a stack local-mlflow (infra/stacks/mlflow.sh);
 #                  then make run STACK=local-mlflow streams training to MLflow; make mlflow-ui opens it
+# make feedback-setup  the `feedback` extra (psycopg): a PostgreSQL request log for the serving deployment, and the
+#                  test that runs it against a PostgreSQL server it starts (docs/serving.md)
 # make serve       deploy pipelines/serve_pipeline.py (configs/serve.yaml) with ZenML's local deployer
 #                  on 127.0.0.1; make unserve stops it (see docs/serving.md)
 # make stack-up    the local-container stack (infra/stacks/container.sh; root, Debian): dockerd, moto S3 with IAM
@@ -42,7 +44,7 @@ export ZENML_CONFIG_PATH ?= $(CURDIR)/.zenml-home
 export ZENML_ANALYTICS_OPT_IN ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint config-docs dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui stack-up stack-run stack-down test-stack
+.PHONY: setup run test lint config-docs dashboard schedule serve unserve browser clean gguf-setup test-gguf test-integration tracking-setup tracking mlflow-ui feedback-setup stack-up stack-run stack-down test-stack
 
 # Setup is ~50 s on 2 cores instead of pip alone's ~120 s (measured, docs/performance.md): pip's serial
 # byte-compiling of every file was half of it, so installs skip it and one parallel compileall does it at the end;
@@ -118,6 +120,12 @@ $(BIN)/.tracking: $(BIN)/.installed
 	touch $@
 
 tracking-setup: $(BIN)/.tracking
+
+$(BIN)/.feedback: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[dev,feedback]"
+	touch $@
+
+feedback-setup: $(BIN)/.feedback
 
 tracking: tracking-setup setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/mlflow.sh
