@@ -111,6 +111,8 @@ def test_completions_are_recorded_and_rated_corrected_and_listed(client, log):
         return [(r["completion_id"], r["source"]) for r in got.json()["data"]]
 
     assert listed("rating=up") == [(whole.id, "api")]
+    by_client = oa.get("/feedback", cast_to=object, options={"params": {"rating": "up"}})["data"]  # docs' example
+    assert [r["completion_id"] for r in by_client] == [whole.id]
     assert listed("rating=down") == [(streamed_id, "reviewer")]
     assert listed("version=7&limit=1") == [(whole.id, "api")] and listed("version=8") == []
     assert listed("since=" + quote(rows[1]["updated_at"])) == [(streamed_id, "api"), (streamed_id, "reviewer")]
