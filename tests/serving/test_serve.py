@@ -317,6 +317,37 @@ def test_openai_client_against_the_deployment(deployment, tiny_source, two_adapt
 
 
 @pytest.mark.integration  # a deployed server process: make test-integration
+def test_deployment_records_completions_and_takes_feedback(deployment):
+    """The request log on the real deployment (its default SQLite under ZenML's stores): a chat completion and an
+    /invoke answer are recorded under the ids their clients got, and rated through the feedback routes."""
+    import openai
+
+    url, _, key = deployment
+    oa = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+    reply = oa.chat.completions.create(
+        model="prices", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0
+    )
+    invoked = invoke(deployment, prompt=QUESTION, adapter="default", max_new_tokens=8).json()
+    run_id = invoked["metadata"]["run_id"]
+    oa.post("/feedback", body={"completion_id": reply.id, "rating": "down", "correction": "Code P3."}, cast_to=object)
+    oa.post("/feedback", body={"completion_id": run_id, "rating": 5}, cast_to=object)
+    rows = {
+        r["completion_id"]: r for r in oa.get("/feedback", cast_to=object, options={"params": {"version": "1"}})["data"]
+    }
+    chat_row, invoke_row = rows[reply.id], rows[run_id]
+    assert chat_row["correction"] == "Code P3." and chat_row["completion"]["adapter"] == "prices"
+    assert chat_row["completion"]["answer"] == reply.choices[0].message.content
+    assert (chat_row["completion"]["model"], chat_row["completion"]["version"]) == (MODEL_NAME, "1")
+    assert invoke_row["score"] == 5 and invoke_row["completion"]["endpoint"] == "invoke"
+    assert invoke_row["completion"]["answer"] == invoked["outputs"]["answer"]
+    with pytest.raises(openai.NotFoundError):
+        oa.post("/feedback", body={"completion_id": "chatcmpl-nope", "rating": "up"}, cast_to=object)
+    stats = requests.get(url + "/v1/feedback/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert stats["dropped"] == 0 and stats["last_error"] is None and stats["database"].endswith(f"/{MODEL_NAME}.db")
+    assert requests.get(url + "/v1/feedback/stats", timeout=30).status_code == 401
+
+
+@pytest.mark.integration  # a deployed server process: make test-integration
 def test_deprovision_stops_the_server(deployment):
     from zenml.client import Client
 
