@@ -20,6 +20,10 @@ One run, one machine, sequentially (never both at once). Rows:
 - `--engine llama-server`: that llama-server alone (same files, same slots), asked on its own OpenAI endpoint (it
   renders the chat template itself): `llama-server: openai, N clients`, what llama.cpp gives without the deployment.
   `--engine transformers llama_cpp llama-server` runs all three, one server at a time.
+- `--request-log both`: the transformers deployment again with `log_requests: false`, its OpenAI rows named
+  `no request log: openai, N clients`; each logged row gets `request_log_cost`, the share of tokens/s the request
+  log (core/feedback/requestlog.py) costs against them. `on` (default) / `off`: only that deployment. The log
+  writes to a SQLite file in the run's scratch folder, never the store's own log.
 Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
 Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
 all requests / the row's wall time from first request to last answer). `same answers` checks the deployment's
@@ -283,6 +287,8 @@ def print_table(result: dict) -> None:
             print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
         if r.get("clients", 1) > 1 and "throughput_vs_sequential" in r:
             print(f"{r['row']}: {r['throughput_vs_sequential']:.2f}x the tokens/s of 1 client")
+        if "request_log_cost" in r:
+            print(f"{r['row']}: the request log costs {100 * r['request_log_cost']:+.1f}% of the tokens/s without it")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -301,6 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
         "GGUF, its OpenAI endpoint)",
     )
     ap.add_argument("--gguf-type", choices=["f16", "q8_0", "q4_k_m"], default="q8_0", help="llama_cpp rows' GGUF")
+    ap.add_argument(
+        "--request-log",
+        choices=["on", "off", "both"],
+        default="on",
+        help="the transformers deployment with the request log (on), without (off), or both, one after the other",
+    )
     args = ap.parse_args(argv)
     if args.threads:  # before torch is imported, here and in the server process (it inherits the environment)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -360,23 +372,30 @@ def main(argv: list[str] | None = None) -> dict:
     client = Client()
     os.environ["ZENML_ACTIVE_STACK_ID"] = serving_stack()  # this process and the server only; no config file edits
     name = f"serve-bench-{uuid.uuid4().hex[:6]}"
+    request_log = {"url": f"sqlite:///{scratch / 'request-log.db'}"}  # never the store's own log
+    logged = {"on": [True], "off": [False], "both": [True, False]}[args.request_log]
+    deployments = [
+        (e, log) for e in args.engine if e != "llama-server" for log in (logged if e == "transformers" else [True])
+    ]
     rows = []
     try:
         if "transformers" in args.engine:
             rows.append(run_direct(served, prompts, max_new_tokens))
         del served  # the server holds its own copy
-        for engine in [e for e in args.engine if e != "llama-server"]:
-            engine_cfg = cfg.model_copy(update={"engine": engine, "gguf_type": args.gguf_type})
+        for engine, log_requests in deployments:
+            update = {"engine": engine, "gguf_type": args.gguf_type, "log_requests": log_requests}
+            engine_cfg = cfg.model_copy(update=update | {"request_log": cfg.request_log.model_copy(update=request_log)})
             pipe = serve_pipeline.with_options(
                 on_init_kwargs={"config": engine_cfg.model_dump()}, settings={"deployer.local": {"port": None}}
             )
             url = pipe.deploy(deployment_name=name, timeout=600).url.rstrip("/")
             wait_healthy(url)
-            if engine == "transformers":
+            if engine == "transformers" and log_requests:
                 rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
                 rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
+            label = engine if log_requests or args.request_log == "off" else "no request log"
             for clients in CLIENTS:
-                rows.append(run_openai(url, prompts, max_new_tokens, clients, engine))
+                rows.append(run_openai(url, prompts, max_new_tokens, clients, label))
             client.delete_deployment(name, force=True)  # one server at a time: never two engines on the cores
         if "llama-server" in args.engine:
             if adapter is None:
@@ -400,6 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
         sequential = next((s for s in rows if s.get("clients") == 1 and s.get("engine") == r.get("engine")), None)
         if sequential and r.get("clients"):
             r["throughput_vs_sequential"] = round(r["tokens_per_s"] / sequential["tokens_per_s"], 2)
+    for r in rows:  # the request log's cost: logged transformers rows against the same clients without it
+        bare = next((b for b in rows if b.get("engine") == "no request log" and b["clients"] == r.get("clients")), None)
+        if bare and r.get("engine") == "transformers" and bare["tokens_per_s"]:
+            r["request_log_cost"] = round(1 - r["tokens_per_s"] / bare["tokens_per_s"], 4)
     result = {
         "preset": preset_name,
         "model": model_desc,
@@ -409,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "gguf_type": args.gguf_type,
         "engines": args.engine,
+        "request_log": args.request_log,
         **common.versions("torch"),
         "rows": rows,
     }

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 BATCH = 500  # rows per transaction: one commit per batch, not per completion
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 RETENTION_EVERY_S = 3600.0
+LINGER_S = 0.2  # the writer waits this long for more rows after the first: one commit for many under load
 
 
 def default_url(model_name: str) -> str:
@@ -194,6 +195,8 @@ class RequestLog:
                 work = bool(self._pending)
             try:
                 if work:
+                    if len(self._pending) < BATCH:
+                        self._stopped.wait(LINGER_S)  # closing: no lingering
                     self._write_batch()
                 if time.monotonic() >= next_purge:
                     if self._store is None:
