@@ -17,6 +17,7 @@ from core.data.mixing import REPLAY
 from core.models import BaseModelRef
 from core.runs import tracking
 from pipelines.preference import preference_run
+from pipelines.sources import compiled
 from steps.evaluate import evaluate
 from steps.export_gguf import export_gguf
 from steps.format_prompts import format_prompts
@@ -35,7 +36,7 @@ from steps.validate import validate
 def prepare_data(config: PipelineConfig, base: BaseModelRef, data=None, suffix: str = ""):
     """ingest -> validate -> format_prompts on the task's own data; returns (train_dataset, eval_dataset). Shared by
     every shape, and compiled first so bad task data stops a run in seconds."""
-    data = (data or config.data).without_mix()  # a changed share re-runs the mixing, not the task's own chain
+    data = compiled((data or config.data).without_mix())  # a changed share re-runs the mixing, not the task chain
     # The data's fingerprint becomes an ingest parameter, computed here at compile time: edited data misses the
     # cache and identical data hits it (ZenML hashes step code and parameters, not the files they point at).
     raw = ingest(data=data, fingerprint=source_fingerprint(data), id=f"ingest{suffix}")
@@ -76,6 +77,7 @@ def mixed_in_source(
     """ingest_<suffix> -> validate_<suffix> [-> synthesize_rehearsal] -> format_<suffix>: one mixed-in source's rows,
     validated on their own and formatted for training. `rehearse`: the replay settings when the base writes the
     answers itself."""
+    source = compiled(source)
     raw = ingest(data=source, fingerprint=source_fingerprint(source), id=f"ingest_{suffix}", after=after)
     clean, _report = validate(raw, validation=config.validation, id=f"validate_{suffix}")
     if rehearse is not None:
