@@ -233,8 +233,12 @@ class MixSource(DataSource):
 
     @model_validator(mode="after")
     def _one_share(self) -> MixSource:
-        if self.ratio is not None and self.rows is not None or (
-            self.ratio is None and self.rows is None and self.source != "feedback"  # new feedback: all of it, once
+        if (
+            self.ratio is not None
+            and self.rows is not None
+            or (
+                self.ratio is None and self.rows is None and self.source != "feedback"  # new feedback: all of it, once
+            )
         ):
             raise ValueError(f"mix source {self.name!r}: give exactly one of ratio (rows per task row) or rows")
         if self.eval_path or self.eval_split:

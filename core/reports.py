@@ -433,8 +433,7 @@ class ModelHistory(HtmlReport):
                 return (
                     f"loss {num(s.get('base_loss'))} &rarr; {num(s.get('tuned_loss'))}, "
                     f"ROUGE-L {num(s.get('base_rouge_l'))} &rarr; {num(s.get('tuned_rouge_l'))}, "
-                    f"exact match {num(s.get('base_exact_match'))} &rarr; {num(s.get('tuned_exact_match'))}"
-                    + learned
+                    f"exact match {num(s.get('base_exact_match'))} &rarr; {num(s.get('tuned_exact_match'))}" + learned
                 )
             tasks = [f"{k[:-5]}: loss {num(v[0])} &rarr; {num(v[1])}" for k, v in s.items() if k.endswith("_loss")]
             return ("; ".join(tasks) or "no scores recorded") + learned

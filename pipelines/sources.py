@@ -1,18 +1,20 @@
-"""Data sources as a run compiles them: a feedback source's `since: last_version` becomes the creation time of the
-newest staged version of this run's ZenML model (core/data/feedback.py), so the step parameters, the fingerprint
-and the run's metadata all name the window it reads."""
+"""Data sources' fingerprints as a run compiles them. A feedback source's `since: last_version` is resolved here for
+this run's ZenML model (the newest staged version's creation time, core/data/feedback.py), so the ingest cache key
+changes with the window and with new feedback; ingest resolves it again when it runs, because a schedule replays
+one compiled snapshot and its window must move on with every promotion."""
 
 from __future__ import annotations
 
 from core.config import DataSource
 from core.data.feedback import resolve_since
+from core.data.ingest import source_fingerprint
 
 
-def compiled(data: DataSource) -> DataSource:
-    """`data` with its feedback window resolved for this run's model; any other source as it is."""
-    if data.source != "feedback":
-        return data
-    from zenml import get_pipeline_context
+def fingerprint(data: DataSource) -> str:
+    """source_fingerprint, with a feedback source's window resolved for this run's model."""
+    if data.source == "feedback":
+        from zenml import get_pipeline_context
 
-    model = get_pipeline_context().model
-    return resolve_since(data, model.name if model is not None else None)
+        model = get_pipeline_context().model
+        data = resolve_since(data, model.name if model is not None else None)
+    return source_fingerprint(data)

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import uuid
 from typing import Any
 
 from datasets import Dataset, DatasetInfo
@@ -88,7 +89,8 @@ def resolve_since(data: DataSource, model_name: str | None) -> DataSource:
 
 
 def _resolved(data: DataSource) -> DataSource:
-    if data.since == "last_version":  # not resolved while compiling (a step run on its own): this step's model
+    """The window as of now: `since: last_version` resolved for the running step's model (core.runs.registry)."""
+    if data.since == "last_version":
         from core.runs.registry import current_model_name
 
         return resolve_since(data, current_model_name())
@@ -122,14 +124,17 @@ def feedback_fingerprint(data: DataSource) -> str:
 
     from core.feedback.store import Feedback
 
-    store = _open(data)
+    h = hashlib.sha256(data.model_dump_json().encode())
     since = _resolved(data).since
     query = select(func.max(Feedback.updated_at), func.count(Feedback.id))
     if since is not None:
         query = query.where(Feedback.updated_at >= since)
-    with Session(store.engine) as session:
-        newest, count = session.execute(query).one()
-    h = hashlib.sha256(data.model_dump_json().encode())
+    try:
+        with Session(_open(data).engine) as session:
+            newest, count = session.execute(query).one()
+    except Exception as err:  # a store only the cluster reaches (a scheduled run): never a cache hit, ingest reads it
+        logger.warning("%s unreachable while compiling (%s); ingest will not be cached", data.where, err)
+        newest, count = uuid.uuid4().hex, -1
     h.update(f"{newest}|{count}".encode())
     if data.eval_path:
         from core.data.ingest import data_files
@@ -165,7 +170,12 @@ def _row(fmt: str, feedback, completion) -> dict[str, Any] | None:
         if label is None:
             return None
         # validation accepts KTO's spellings only: a score counts as the thumb it maps to
-        return {"prompt": prompt, "completion": completion.answer, "label": label, "label_text": "up" if label else "down"}
+        return {
+            "prompt": prompt,
+            "completion": completion.answer,
+            "label": label,
+            "label_text": "up" if label else "down",
+        }
     if feedback.correction:
         return {"messages": prompt + [{"role": "assistant", "content": feedback.correction}]}
     if label:
@@ -234,6 +244,7 @@ def row_versions(ds: Dataset) -> dict[str, str]:
 def ingest_record(data: DataSource, ds: Dataset) -> dict[str, Any]:
     """What a feedback ingest records (on its dataset artifact and the run's model version): the rows' count,
     their completion ids with the versions that answered, and the window they came from."""
+    data = _resolved(data)
     versions = row_versions(ds)
     completions = {completion_id(rid): version for rid, version in versions.items()}
     counts: dict[str, int] = {}

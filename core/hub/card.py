@@ -125,8 +125,7 @@ def replay_line(train: TrainConfig) -> str:
 def mixture_line(data: DataSource, train: TrainConfig) -> str:
     """data.mix's sources with their shares and the seed they were drawn with, in one line for the card."""
     shares = [
-        f"{m.name} ({m.where}): "
-        + (f"{m.ratio:g} rows per task row" if m.ratio is not None else f"{m.rows} rows")
+        f"{m.name} ({m.where}): " + (f"{m.ratio:g} rows per task row" if m.ratio is not None else f"{m.rows} rows")
         for m in data.mix
     ]
     return f"task data + {'; '.join(shares)}; drawn with seed {train.seed}"
