@@ -58,7 +58,7 @@ def check_schedulable(config_path: str | Path, orchestrator=None) -> dict:
             f"so ZenML would refuse {path}.\n"
             "Either switch to a stack whose orchestrator schedules (Kubernetes: `zenml stack set k8s-gpu`, "
             "see infra/README.md), or let this machine's cron start plain runs. `crontab -e`, then add:\n\n"
-            f"  {cron_alternative(cron or '0 3 * * 1')}\n\n"
+            f"  {cron_alternative(cron or '0 3 * * 1', plain_config(doc))}\n\n"
             "with CONFIG= a config without a `schedule:` block (configs/default.yaml, or a copy of this one "
             "without it). Each cron run compiles afresh, so the data fingerprint is current and ingest may cache."
         )
@@ -76,6 +76,11 @@ def check_schedulable(config_path: str | Path, orchestrator=None) -> dict:
             "ingest's cache is frozen and a cached ingest would never read new data."
         )
     return schedule
+
+
+def plain_config(doc: dict) -> str:
+    """The shipped config without a `schedule:` block that does what a scheduled one does (for the cron line)."""
+    return "configs/retrain_from_feedback.yaml" if len(fresh_ingest_steps(doc)) > 1 else "configs/default.yaml"
 
 
 def fresh_ingest_steps(doc: dict) -> list[str]:

@@ -85,3 +85,6 @@ def test_the_feedback_retrain_schedule_passes_and_its_feedback_ingest_must_rerun
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ScheduleError, match="`steps: ingest_mix_feedback: enable_cache: false`"):
         check_schedulable(path, orchestrator=_orchestrator("kubernetes", True))
+    # where the stack cannot schedule, the cron line runs the plain retrain config
+    with pytest.raises(ScheduleError, match="make run CONFIG=configs/retrain_from_feedback.yaml"):
+        check_schedulable(FEEDBACK, orchestrator=_orchestrator("local", False))
