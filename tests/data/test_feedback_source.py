@@ -165,3 +165,25 @@ def test_a_config_mixes_feedback_into_the_task_data():
         }
     )
     assert config.data.mix[0].as_data_source().source == "feedback"
+
+
+def test_last_version_is_the_newest_staged_version(zenml_home):
+    import uuid
+
+    from zenml.client import Client
+
+    client = Client()
+    model = f"since-{uuid.uuid4().hex[:8]}"
+    client.create_model(name=model)
+    staged, _unstaged = (client.create_model_version(model_name_or_id=model) for _ in range(2))
+    client.update_model_version(model_name_or_id=model, version_name_or_id=staged.id, stage="production")
+    resolved = feedback.resolve_since(DataSource(source="feedback", url="sqlite:///x.db"), model)
+    assert resolved.since_version == staged.number
+    assert resolved.since == staged.created.replace(tzinfo=dt.timezone.utc)
+
+
+def test_an_unreachable_store_is_never_a_cache_hit(tmp_path):
+    data = DataSource(source="feedback", url=f"sqlite:///{tmp_path}/no/such/dir/x.db", since=None)
+    assert source_fingerprint(data) != source_fingerprint(data)  # ingest reads it (and names it) when it runs
+    with pytest.raises(feedback.IngestError, match="cannot open the feedback store"):
+        load_rows(data)

@@ -6,7 +6,7 @@ import uuid
 
 from cli.trace import main
 from core.feedback.store import FeedbackStore, sqlite_url, utcnow
-from core.runs.registry import headline
+from core.runs.registry import headline, model_history
 
 
 def test_trace_names_the_answering_version_and_the_one_that_learned(zenml_home, tmp_path, capsys):
@@ -39,6 +39,7 @@ def test_trace_names_the_answering_version_and_the_one_that_learned(zenml_home, 
     assert f"learned by version {second.number}" in out and f"learned by version {first.number}" not in out
     meta = client.get_model_version(model, second.number).run_metadata
     assert headline(meta)["feedback_rows"] == 1
+    assert "learned from 1 feedback rows" in model_history(model).to_html()  # the promote step's history artifact
 
     assert main(["chatcmpl-404", "--db", url]) == 2
     assert "chatcmpl-404: no such completion" in capsys.readouterr().err
