@@ -2,7 +2,8 @@
 # make test   set up (first time) and run the test suite
 # make dashboard   open ZenML's dashboard on this project's local store
 # make schedule    submit configs/schedule_weekly.yaml (a Kubernetes CronJob); on a stack that
-#                  cannot schedule, says so and prints the cron line to use instead
+#                  cannot schedule, says so and prints the cron line to use instead. Retraining from
+#                  feedback weekly: make schedule SCHEDULE=configs/schedule_retrain_from_feedback.yaml
 # make gguf-setup  llama.cpp for GGUF export (quantized Q8_0 / Q4_K_M, checked in llama.cpp): the `gguf`
 #                  extra (builds llama.cpp for this CPU, ~13 min the first time, then cached), its converter, and
 #                  llama-server (serving with engine: llama_cpp; another build, cached the same way)

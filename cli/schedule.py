@@ -10,8 +10,9 @@ KeyError when the config's ZenML secrets do not exist locally). Neither says wha
 This check runs first and says it: on a stack that cannot schedule, the alternative is the
 system's cron calling `make run` (a plain run, compiled afresh each time) with the same cron
 expression. It also catches the two scheduled-run mistakes that fail late or silently: a schedule
-without a cron expression on Kubernetes (a CronJob needs one), and a cached ingest step (the
-CronJob replays one compiled snapshot, so the data fingerprint ingest is keyed by never changes).
+without a cron expression on Kubernetes (a CronJob needs one), and a cached ingest step, the task
+data's or a feedback source's (the CronJob replays one compiled snapshot, so the data fingerprint
+ingest is keyed by never changes).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def check_schedulable(config_path: str | Path, orchestrator=None) -> dict:
             f"so ZenML would refuse {path}.\n"
             "Either switch to a stack whose orchestrator schedules (Kubernetes: `zenml stack set k8s-gpu`, "
             "see infra/README.md), or let this machine's cron start plain runs. `crontab -e`, then add:\n\n"
-            f"  {cron_alternative(cron or '0 3 * * 1')}\n\n"
+            f"  {cron_alternative(cron or '0 3 * * 1', plain_config(doc))}\n\n"
             "with CONFIG= a config without a `schedule:` block (configs/default.yaml, or a copy of this one "
             "without it). Each cron run compiles afresh, so the data fingerprint is current and ingest may cache."
         )
@@ -66,13 +67,33 @@ def check_schedulable(config_path: str | Path, orchestrator=None) -> dict:
             f"{path}: the Kubernetes orchestrator schedules with CronJobs and needs `schedule.cron_expression` "
             "(interval_second / run_once_start_time are not supported there)"
         )
-    ingest = ((doc.get("steps") or {}).get("ingest") or {}).get("enable_cache")
-    if ingest is not False:
+    steps = doc.get("steps") or {}
+    cached = [s for s in fresh_ingest_steps(doc) if (steps.get(s) or {}).get("enable_cache") is not False]
+    if cached:
+        keys = ", ".join(f"`steps: {s}: enable_cache: false`" for s in cached)
         raise ScheduleError(
-            f"{path}: set `steps: ingest: enable_cache: false`. A schedule replays one compiled snapshot, so the "
-            "data fingerprint that keys ingest's cache is frozen and a cached ingest would never read new data."
+            f"{path}: set {keys}. A schedule replays one compiled snapshot, so the data fingerprint that keys "
+            "ingest's cache is frozen and a cached ingest would never read new data."
         )
     return schedule
+
+
+def plain_config(doc: dict) -> str:
+    """The shipped config without a `schedule:` block that does what a scheduled one does (for the cron line)."""
+    return "configs/retrain_from_feedback.yaml" if len(fresh_ingest_steps(doc)) > 1 else "configs/default.yaml"
+
+
+def fresh_ingest_steps(doc: dict) -> list[str]:
+    """The ingest steps a scheduled run must re-run: the task data's, and every feedback source's (new feedback
+    arrives between runs; pipelines/single_run.py and pipelines/preference.py name these steps)."""
+    config = (doc.get("parameters") or {}).get("config") or {}
+    data = config.get("data") or {}
+    steps = ["ingest"]
+    steps += [f"ingest_mix_{m.get('name')}" for m in data.get("mix") or [] if m.get("source") == "feedback"]
+    preference = (config.get("train") or {}).get("preference") or {}
+    if (preference.get("data") or {}).get("source") == "feedback":
+        steps.append("ingest_preference")
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:

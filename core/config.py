@@ -8,6 +8,7 @@ with its key path, e.g. `parameters.config.lora.r: Input should be greater than 
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import math
 from pathlib import Path
@@ -62,10 +63,40 @@ PREFERENCE_FORMATS = ("pairs", "unpaired")  # preference data, read by train.pre
 class DataSource(StrictModel):
     """Where the instruction data comes from and how its columns map to ours."""
 
-    source: Literal["local", "hub"] = Field(
-        "local", description="local: files on disk; hub: a Hugging Face dataset (needs network)."
+    source: Literal["local", "hub", "feedback"] = Field(
+        "local",
+        description="local: files on disk; hub: a Hugging Face dataset (needs network); feedback: the serving "
+        "deployment's request log and its ratings and corrections (`url`; docs/feedback.md).",
     )
-    path: str = Field(description="local: a .jsonl/.json/.csv/.parquet file or a folder of them; hub: a dataset id.")
+    path: str | None = Field(
+        None,
+        description="local: a .jsonl/.json/.csv/.parquet file or a folder of them; hub: a dataset id; required for "
+        "both, unused by feedback.",
+    )
+    url: str | None = Field(
+        None,
+        description="feedback: the feedback store's SQLAlchemy URL (sqlite:///path/feedback.db, "
+        "postgresql+psycopg://user@host/db); null: the store a deployment of this run's ZenML model writes by "
+        "default (SQLite under ZenML's local stores, core.feedback.requestlog.default_url). Unused by other sources.",
+    )
+    since: Literal["last_version"] | dt.datetime | None = Field(
+        "last_version",
+        description="feedback: only feedback given (or updated) at or after this time. last_version: the creation "
+        "time of the newest version of this run's ZenML model at a stage (staging or production), resolved when the "
+        "pipeline compiles (all feedback while none is); an ISO date or time (UTC unless it says otherwise); null: "
+        "all feedback.",
+    )
+    since_version: int | None = Field(
+        None,
+        description="feedback: filled in when `since: last_version` is resolved (the version it names), so a run "
+        "says which version its feedback is newer than; leave it unset.",
+    )
+    min_rows: int = Field(
+        10,
+        ge=0,
+        description="feedback: the fewest rows the new feedback must give; with fewer the run stops at ingest, "
+        "saying so, before anything trains or is promoted.",
+    )
     eval_path: str | None = Field(
         None,
         description="Held-out rows in the same format as `path`. Without it (or `eval_split`) format_prompts holds "
@@ -108,9 +139,49 @@ class DataSource(StrictModel):
         "comes from this source alone, never from a mixed-in one.",
     )
 
+    @property
+    def where(self) -> str:
+        """The source as a person reads it in logs and cards (a database password hidden)."""
+        if self.source == "feedback":
+            from sqlalchemy.engine import make_url
+
+            return f"feedback store {make_url(self.url).render_as_string(hide_password=True)}"
+        return f"{self.path} (Hub)" if self.source == "hub" else str(self.path)
+
     def without_mix(self) -> DataSource:
         """This source alone: what ingest reads (a changed share re-runs the mixing, not the task data's chain)."""
         return self.model_copy(update={"mix": []})
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _since_is_a_time(cls, value: Any) -> Any:
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):  # YAML reads 2026-12-01 as a date
+            return dt.datetime.combine(value, dt.time(), tzinfo=dt.timezone.utc)
+        return value
+
+    @field_validator("since", mode="after")
+    @classmethod
+    def _since_in_utc(cls, value: Any) -> Any:
+        if isinstance(value, dt.datetime) and value.tzinfo is None:  # the store keeps UTC
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value
+
+    @model_validator(mode="after")
+    def _where_given(self) -> DataSource:
+        if self.source == "feedback":
+            if self.format == "sharegpt":
+                raise ValueError("a feedback source's format is instruction, chat (SFT rows), pairs or unpaired")
+            if self.path or self.eval_split or self.columns or self.turn_keys or self.roles:
+                raise ValueError(
+                    "a feedback source reads the store's own columns: no path, eval_split, columns, turn_keys or roles "
+                    "(eval_path: a local file of held-out rows in the same format)"
+                )
+        else:
+            if not self.path:
+                raise ValueError(f"path is required when source is '{self.source}'")
+            if self.url:
+                raise ValueError(f"url is for source 'feedback', not '{self.source}'")
+        return self
 
     @model_validator(mode="after")
     def _columns_known(self) -> DataSource:
@@ -149,7 +220,10 @@ class MixSource(DataSource):
         "it again in a new seeded order.",
     )
     rows: int | None = Field(
-        None, ge=1, description="The source's share as an exact row count, drawn like `ratio`'s; give this or `ratio`."
+        None,
+        ge=1,
+        description="The source's share as an exact row count, drawn like `ratio`'s; give this or `ratio`. A "
+        "feedback source may give neither: every one of its rows, once.",
     )
 
     def as_data_source(self) -> DataSource:
@@ -158,7 +232,13 @@ class MixSource(DataSource):
 
     @model_validator(mode="after")
     def _one_share(self) -> MixSource:
-        if (self.ratio is None) == (self.rows is None):
+        if (
+            self.ratio is not None
+            and self.rows is not None
+            or (
+                self.ratio is None and self.rows is None and self.source != "feedback"  # new feedback: all of it, once
+            )
+        ):
             raise ValueError(f"mix source {self.name!r}: give exactly one of ratio (rows per task row) or rows")
         if self.eval_path or self.eval_split:
             raise ValueError(f"mix source {self.name!r}: a mixed-in source is never held out (no eval_path/eval_split)")

@@ -428,14 +428,15 @@ class ModelHistory(HtmlReport):
             return "-" if x is None else f"{x:.3f}"
 
         def scores(s: dict) -> str:
+            learned = f"; learned from {s['feedback_rows']} feedback rows" if s.get("feedback_rows") else ""
             if "tuned_loss" in s:
                 return (
                     f"loss {num(s.get('base_loss'))} &rarr; {num(s.get('tuned_loss'))}, "
                     f"ROUGE-L {num(s.get('base_rouge_l'))} &rarr; {num(s.get('tuned_rouge_l'))}, "
-                    f"exact match {num(s.get('base_exact_match'))} &rarr; {num(s.get('tuned_exact_match'))}"
+                    f"exact match {num(s.get('base_exact_match'))} &rarr; {num(s.get('tuned_exact_match'))}" + learned
                 )
             tasks = [f"{k[:-5]}: loss {num(v[0])} &rarr; {num(v[1])}" for k, v in s.items() if k.endswith("_loss")]
-            return "; ".join(tasks) or "no scores recorded"
+            return ("; ".join(tasks) or "no scores recorded") + learned
 
         def runs(r: list[tuple[str, str]]) -> str:
             return "<br>".join(

@@ -12,9 +12,9 @@ sft_train_metrics.
 from __future__ import annotations
 
 from core.config import Candidate, PipelineConfig
-from core.data.ingest import source_fingerprint
 from core.models import BaseModelRef
 from core.runs import registry, tracking
+from pipelines.sources import fingerprint
 from steps.evaluate import evaluate
 from steps.format_preference import format_preference
 from steps.ingest import ingest
@@ -26,7 +26,7 @@ from steps.validate import validate
 def preference_data(config: PipelineConfig, base: BaseModelRef):
     """ingest_preference -> validate_preference -> format_preference: (training pairs or rows, held-out ones)."""
     data = config.train.preference.data
-    raw = ingest(data=data, fingerprint=source_fingerprint(data), id="ingest_preference")
+    raw = ingest(data=data, fingerprint=fingerprint(data), id="ingest_preference")
     clean, _report = validate(raw, validation=config.validation, id="validate_preference")
     return format_preference(
         clean,

@@ -17,6 +17,7 @@ from core.data.mixing import REPLAY
 from core.models import BaseModelRef
 from core.runs import tracking
 from pipelines.preference import preference_run
+from pipelines.sources import fingerprint
 from steps.evaluate import evaluate
 from steps.export_gguf import export_gguf
 from steps.format_prompts import format_prompts
@@ -38,7 +39,7 @@ def prepare_data(config: PipelineConfig, base: BaseModelRef, data=None, suffix: 
     data = (data or config.data).without_mix()  # a changed share re-runs the mixing, not the task's own chain
     # The data's fingerprint becomes an ingest parameter, computed here at compile time: edited data misses the
     # cache and identical data hits it (ZenML hashes step code and parameters, not the files they point at).
-    raw = ingest(data=data, fingerprint=source_fingerprint(data), id=f"ingest{suffix}")
+    raw = ingest(data=data, fingerprint=fingerprint(data), id=f"ingest{suffix}")
     clean, _report = validate(raw, validation=config.validation, id=f"validate{suffix}")
     return format_prompts(clean, base=base, prompt=config.prompt, id=f"format_prompts{suffix}")
 
@@ -76,7 +77,7 @@ def mixed_in_source(
     """ingest_<suffix> -> validate_<suffix> [-> synthesize_rehearsal] -> format_<suffix>: one mixed-in source's rows,
     validated on their own and formatted for training. `rehearse`: the replay settings when the base writes the
     answers itself."""
-    raw = ingest(data=source, fingerprint=source_fingerprint(source), id=f"ingest_{suffix}", after=after)
+    raw = ingest(data=source, fingerprint=fingerprint(source), id=f"ingest_{suffix}", after=after)
     clean, _report = validate(raw, validation=config.validation, id=f"validate_{suffix}")
     if rehearse is not None:
         clean = synthesize_rehearsal(

@@ -12,7 +12,9 @@ from zenml.logger import get_logger
 import materializers  # noqa: F401  (registers the dataset materializer)
 from core.artifact_names import RAW_DATASET
 from core.config import DataSource
+from core.data import feedback
 from core.data.ingest import load_rows
+from core.runs import registry
 from core.runs.caching import step_cache_policy
 
 logger = get_logger(__name__)
@@ -24,15 +26,11 @@ def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, RAW_DATASET
     ZenML's cache key sees parameters, not the files they point at."""
     ds = load_rows(data)
     counts = {s or "unassigned": n for s, n in pd.Series(ds["split"]).value_counts().items()}
-    logger.info("ingested %d rows from %s (%s)", len(ds), data.path, counts)
-    log_metadata(
-        metadata={
-            "rows": len(ds),
-            "splits": counts,
-            "source": f"{data.source}:{data.path}",
-            "fingerprint": fingerprint,
-        },
-        artifact_name=RAW_DATASET,
-        infer_artifact=True,
-    )
+    logger.info("ingested %d rows from %s (%s)", len(ds), data.where, counts)
+    metadata = {"rows": len(ds), "splits": counts, "source": f"{data.source}:{data.where}", "fingerprint": fingerprint}
+    if data.source == "feedback":  # which completions this version learns from (cli.trace, the model history)
+        record = feedback.ingest_record(data, ds)
+        metadata["feedback"] = record
+        registry.record({feedback.record_key(data): record})
+    log_metadata(metadata=metadata, artifact_name=RAW_DATASET, infer_artifact=True)
     return ds

@@ -55,7 +55,7 @@ def train_preference(
     pref = train_cfg.preference
     summary = metrics.summary() | {
         "method": train_cfg.method,
-        "preference_data": pref.data.path,
+        "preference_data": pref.data.where,
         "start_from": str(train_cfg.preference_start()),
         "beta": pref.beta,
     }

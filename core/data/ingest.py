@@ -1,7 +1,7 @@
 """Ingest: read instruction data into one canonical, versioned dataset.
 
-Sources: a local .jsonl/.json/.csv/.parquet file or folder of them, or a Hub
-dataset id (+ split, revision). Columns are mapped (DataSource.columns) into
+Sources: a local .jsonl/.json/.csv/.parquet file or folder of them, a Hub
+dataset id (+ split, revision), or the serving feedback store (core/data/feedback.py). Columns are mapped (DataSource.columns) into
 the canonical schema every later step reads:
 
     id        "<file>:<line>" (or "<dataset>[<split>]:<row>"), quoted in every error
@@ -79,6 +79,10 @@ def source_fingerprint(data: DataSource) -> str:
     Called by the pipeline at compile time and passed to ingest as a parameter,
     because ZenML's cache key sees parameters, not the files they point at.
     """
+    if data.source == "feedback":  # the store's newest feedback time and count since `since`
+        from core.data.feedback import feedback_fingerprint
+
+        return feedback_fingerprint(data)
     h = hashlib.sha256(data.model_dump_json().encode())
     if data.source == "hub":
         from huggingface_hub import HfApi
@@ -248,6 +252,10 @@ def record_parts(data: DataSource) -> list[tuple[bool, Iterator[tuple[str, dict]
 
 def load_rows(data: DataSource) -> Dataset:
     """Read every configured source into the canonical schema (preference data: into core.data.preference's)."""
+    if data.source == "feedback":
+        from core.data.feedback import load_feedback_rows
+
+        return load_feedback_rows(data)
     if data.format in PREFERENCE_FORMATS:
         from core.data.preference import load_preference_rows
 

@@ -28,7 +28,7 @@ class Share:
     name: str
     rows: Dataset
     ratio: float | None = None  # rows per task training row
-    count: int | None = None  # or exactly this many
+    count: int | None = None  # or exactly this many; neither: every row once (a feedback source)
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -69,6 +69,8 @@ def draw(available: int, wanted: int, seed: int) -> list[int]:
 
 
 def share_count(share: Share, task_rows: int) -> int:
+    if share.count is None and share.ratio is None:
+        return len(share.rows)
     return share.count if share.count is not None else max(1, round(share.ratio * task_rows))
 
 

@@ -1,4 +1,5 @@
-"""The feedback loop: served answers logged, rated and corrected (store.py), and turned into training data."""
+"""The feedback loop: served answers logged (requestlog.py, redaction.py), rated and corrected (store.py), and traced
+to the versions that learned from them (trace.py); core/data/feedback.py turns the store into training data."""
 
 from core import lazy_submodule
 

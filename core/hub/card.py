@@ -112,7 +112,7 @@ def replay_line(train: TrainConfig) -> str:
     replay = train.replay
     if replay is None:
         return "none: the task data alone"
-    source = replay.data.path if replay.data.source == "local" else f"{replay.data.path} (Hub)"
+    source = replay.data.where
     how = (
         f"the base model's own greedy answers (self-synthesized rehearsal, up to {replay.max_new_tokens} tokens)"
         if replay.answers == "own"
@@ -125,8 +125,7 @@ def replay_line(train: TrainConfig) -> str:
 def mixture_line(data: DataSource, train: TrainConfig) -> str:
     """data.mix's sources with their shares and the seed they were drawn with, in one line for the card."""
     shares = [
-        f"{m.name} ({m.path}{' (Hub)' if m.source == 'hub' else ''}): "
-        + (f"{m.ratio:g} rows per task row" if m.ratio is not None else f"{m.rows} rows")
+        f"{m.name} ({m.where}): " + (f"{m.ratio:g} rows per task row" if m.ratio is not None else f"{m.rows} rows")
         for m in data.mix
     ]
     return f"task data + {'; '.join(shares)}; drawn with seed {train.seed}"
@@ -146,7 +145,7 @@ def method_line(lora: LoraSettings, train: TrainConfig) -> str:
 def preference_line(train: TrainConfig) -> str:
     """The preference stage's data and settings, for the card's Training table."""
     pref = train.preference
-    source = pref.data.path if pref.data.source == "local" else f"{pref.data.path} (Hub)"
+    source = pref.data.where
     weights = (
         f", desirable/undesirable weights {pref.desirable_weight:g}/{pref.undesirable_weight:g}"
         if train.method == "kto"

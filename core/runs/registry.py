@@ -9,6 +9,7 @@ What steps record on it (the shape the stage comparisons read back):
     tasks:      {<task>: {adapter, lora, training, evaluation}} (multi-task runs)
     push:       what push uploaded (or would, in dry_run)
     promotion:  the stage promote set, or why it did not
+    feedback_<format>: the feedback rows ingested from the feedback store: {rows, completions: {id: version}, ...}
 
 These functions need a running ZenML step (its context) unless they take a model name.
 """
@@ -142,7 +143,9 @@ def input_artifact_id(name: str, index: int = 0) -> UUID | None:
 
 
 # What a model version records about the results it holds (see the module docstring); `promotion` is per run.
-RESULT_KEYS = ("training", "sft_training", "evaluation", "push", "sweep", "tasks")
+# The feedback rows a feedback source's ingest recorded, one key per format (core/data/feedback.py:ingest_record).
+FEEDBACK_KEYS = tuple(f"feedback_{fmt}" for fmt in ("instruction", "chat", "pairs", "unpaired"))
+RESULT_KEYS = ("training", "sft_training", "evaluation", "push", "sweep", "tasks") + FEEDBACK_KEYS
 
 
 def _producer_version_id(artifact_version_id: UUID) -> UUID | None:
@@ -228,6 +231,9 @@ def headline(metadata: dict[str, Any]) -> dict[str, Any]:
     training = metadata.get("training")
     if isinstance(training, dict) and training.get("method", "sft") != "sft":
         out["method"] = training["method"]
+    learned = feedback_completions(metadata)
+    if learned:
+        out["feedback_rows"] = len(learned)
     tasks = metadata.get("tasks")
     if isinstance(tasks, dict):
         for task, entry in tasks.items():
@@ -235,6 +241,17 @@ def headline(metadata: dict[str, Any]) -> dict[str, Any]:
             out[f"{task}_loss"] = [(scores.get(s) or {}).get("loss") for s in ("base", "tuned")]
         out["gate_passed"] = all(((e or {}).get("evaluation") or {}).get("gate_passed") for e in tasks.values())
     return out
+
+
+def feedback_completions(metadata: dict[str, Any]) -> dict[str, str]:
+    """Completion id -> the version that answered it, for every feedback row a version's runs ingested (SFT rows
+    and pairs of one completion counted once)."""
+    found: dict[str, str] = {}
+    for key in FEEDBACK_KEYS:
+        record = metadata.get(key)
+        if isinstance(record, dict):
+            found.update(record.get("completions") or {})
+    return found
 
 
 def model_history(model_name: str):

@@ -391,6 +391,21 @@ def test_schedule_config_is_the_k8s_config_plus_schedule():
     assert weekly == k8s
 
 
+def test_feedback_schedule_is_the_weekly_schedule_plus_the_feedback_source():
+    """schedule_retrain_from_feedback.yaml: the same pods and CronJob, feedback mixed in, its ingest never cached."""
+    weekly, retrain = (
+        yaml.safe_load((REPO / "configs" / n).read_text())
+        for n in ("schedule_weekly.yaml", "schedule_retrain_from_feedback.yaml")
+    )
+    assert retrain["steps"].pop("ingest_mix_feedback") == {"enable_cache": False}
+    (feedback,) = retrain["parameters"]["config"]["data"].pop("mix")
+    assert feedback["source"] == "feedback" and feedback["since"] == "last_version"
+    for key in ("run_name", "schedule"):
+        retrain.pop(key), weekly.pop(key)
+    assert retrain == weekly
+    load_config(REPO / "configs" / "schedule_retrain_from_feedback.yaml")
+
+
 def test_docker_settings_build_the_project_image(rendered):
     from zenml.config import DockerSettings
 

@@ -12,6 +12,7 @@ from cli.schedule import ScheduleError, check_schedulable, main
 
 REPO = Path(__file__).resolve().parents[2]
 WEEKLY = REPO / "configs" / "schedule_weekly.yaml"
+FEEDBACK = REPO / "configs" / "schedule_retrain_from_feedback.yaml"
 
 
 def _orchestrator(flavor: str, schedulable: bool):
@@ -74,3 +75,16 @@ def test_check_catches_schedules_that_would_fail_late_or_silently(tmp_path, edit
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ScheduleError, match=problem):
         check_schedulable(path, orchestrator=_orchestrator("kubernetes", True))
+
+
+def test_the_feedback_retrain_schedule_passes_and_its_feedback_ingest_must_rerun(tmp_path):
+    assert check_schedulable(FEEDBACK, orchestrator=_orchestrator("kubernetes", True))["cron_expression"]
+    doc = yaml.safe_load(FEEDBACK.read_text())
+    doc["steps"].pop("ingest_mix_feedback")
+    path = tmp_path / "retrain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ScheduleError, match="`steps: ingest_mix_feedback: enable_cache: false`"):
+        check_schedulable(path, orchestrator=_orchestrator("kubernetes", True))
+    # where the stack cannot schedule, the cron line runs the plain retrain config
+    with pytest.raises(ScheduleError, match="make run CONFIG=configs/retrain_from_feedback.yaml"):
+        check_schedulable(FEEDBACK, orchestrator=_orchestrator("local", False))
