@@ -83,7 +83,9 @@ def resolve_since(data: DataSource, model_name: str | None) -> DataSource:
         return data
     if data.url is None:
         if model_name is None:
-            raise ValueError("a feedback source without url reads the run's model's default store; the run has no model")
+            raise ValueError(
+                "a feedback source without url reads the run's model's default store; the run has no model"
+            )
         from core.feedback.requestlog import default_url
 
         data = data.model_copy(update={"url": default_url(model_name)})
