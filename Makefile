@@ -81,10 +81,10 @@ browser:
 # make test: everything but the integration suites (servers, a browser; the benchmark scripts' smoke presets),
 # which make test-integration runs, and the container stack's suite (make test-stack); CI (.ci/run) runs all three
 test: setup browser
-	$(BIN)/python -m pytest -q -m "not integration and not bench and not container"
+	$(BIN)/python -m pytest -q -m "not integration and not bench and not container and not long"
 
 test-integration: setup browser
-	$(BIN)/python -m pytest -q -m "integration or bench"
+	$(BIN)/python -m pytest -q -m "integration or bench or long"
 
 stack-up: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash infra/stacks/container.sh up

@@ -181,6 +181,7 @@ def test_sample_over_max_seq_len_fails_or_is_dropped_and_counted(tiny_source, ov
     assert kept == set(clean["id"]) - {"overlong_tokens.jsonl:3"}
 
 
+@pytest.mark.long  # ~30 s: make test-integration
 @pytest.mark.slow
 def test_the_cli_run_ends_with_our_message_not_a_traceback(tmp_path):
     """`zenml pipeline run` on bad data: the console ends with the validation error, not ZenML's tracebacks."""

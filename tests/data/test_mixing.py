@@ -178,6 +178,7 @@ def test_replay_kl_is_zero_at_the_base_grows_as_the_adapter_moves_and_trains_onl
     assert grads and all("lora_" in n for n in grads)
 
 
+@pytest.mark.long  # ~30 s: make test-integration
 @pytest.mark.slow
 def test_pipeline_mixes_replay_rows_and_a_changed_ratio_reruns_only_the_mix_onwards(
     zenml_home, tmp_path, tiny_model_dir

@@ -114,6 +114,7 @@ def test_sigkilled_training_resumes_from_last_complete_checkpoint(
     assert any(v.abs().max() > 0 for k, v in expected.items() if "lora_B" in k)  # it did train
 
 
+@pytest.mark.long  # ~30 s: make test-integration
 def test_two_identical_trainings_at_once_take_turns_on_the_checkpoint_folder(
     tmp_path, tiny_model_dir, tiny_splits, trained_adapter
 ):

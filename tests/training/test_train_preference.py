@@ -323,6 +323,7 @@ def test_preference_errors_come_before_loading_anything(tmp_path, tiny_source, p
         train_preference_adapter(train, held_out, tiny_source, QuantConfig(), lora, TrainConfig(), tmp_path / "a")
 
 
+@pytest.mark.long  # ~30 s: make test-integration
 def test_sigkilled_dpo_from_an_adapter_resumes_to_the_same_adapter(
     tmp_path, tiny_model_dir, tiny_source, pairs, start_adapter, dpo_from_adapter
 ):
