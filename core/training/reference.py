@@ -46,9 +46,12 @@ def dequantize_4bit_layers(model: torch.nn.Module) -> int:
     return replaced
 
 
-def build_dequantized_model(model, quant, lora, gradient_checkpointing: bool):
+def build_dequantized_model(model, quant, lora, gradient_checkpointing: bool, start_adapter=None):
     """core.training.trainer.build_model's twin: the 4-bit base loaded as for training, its 4-bit layers replaced by
-    their dequantized fp32 weights, and the same LoRA adapter on top (same signature, same RNG use)."""
+    their dequantized fp32 weights, and the same new LoRA adapter on top (same signature, same RNG use; a start
+    adapter is the preference stage's, which this reference does not cover)."""
+    if start_adapter is not None:
+        raise ValueError("the dequantized reference trains a new adapter; it takes no start adapter")
     from peft import get_peft_model
 
     from core import models
