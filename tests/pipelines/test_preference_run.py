@@ -7,14 +7,12 @@ kto on the same pairs (each a desirable and an undesirable row).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO_ROOT, instruction_rows
+from support.cli_run import run_config
 from test_shipped_configs import toy_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # two CLI runs, ~3 min: make test-integration
@@ -65,14 +63,7 @@ def test_preference_config_runs_sft_then_the_preference_stage(method, zenml_home
     from zenml.client import Client
 
     config = tiny_preference_config(tmp_path, tiny_model_dir, method)
-    zenml = Path(sys.executable).parent / "zenml"
-    done = subprocess.run(
-        [str(zenml), "pipeline", "run", "pipelines.lora_pipeline", "-c", str(config)],
-        cwd=REPO_ROOT,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-    )
+    done = run_config(config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = Client().get_pipeline("lora_pipeline").last_run
     for name in ("train_sft", "format_preference", "train_preference", "evaluate", "merge", "push", "promote"):

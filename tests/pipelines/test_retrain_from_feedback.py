@@ -5,15 +5,14 @@ with too little new feedback stops at ingest, saying so, and promotes nothing.""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO_ROOT
+from support.cli_run import run_config
 from test_preference_run import toy_pairs
 from test_shipped_configs import toy_data
 
@@ -81,17 +80,6 @@ def tiny_retrain_config(root: Path, tiny_model_dir: Path, url: str, sft_min_rows
     path = root / "retrain.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def run_config(path: Path) -> subprocess.CompletedProcess:
-    zenml = Path(sys.executable).parent / "zenml"
-    return subprocess.run(
-        [str(zenml), "pipeline", "run", "pipelines.lora_pipeline", "-c", str(path)],
-        cwd=REPO_ROOT,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-    )
 
 
 def failure(done: subprocess.CompletedProcess) -> str:

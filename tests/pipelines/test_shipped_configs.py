@@ -8,14 +8,12 @@ the replay, the forgetting gate and the shape of the run stay as they are. A run
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO_ROOT, instruction_rows
+from support.cli_run import run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # three CLI runs, ~1.5 min: make test-integration
 
@@ -62,14 +60,7 @@ def test_shipped_config_runs_to_the_end_with_the_probe_on(name, zenml_home, tmp_
     from cli.summary import summarize
 
     config = tiny_version(name, tmp_path, tiny_model_dir)
-    zenml = Path(sys.executable).parent / "zenml"
-    done = subprocess.run(
-        [str(zenml), "pipeline", "run", "pipelines.lora_pipeline", "-c", str(config)],
-        cwd=REPO_ROOT,
-        env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-    )
+    done = run_config(config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = Client().get_pipeline("lora_pipeline").last_run
     reports = [
