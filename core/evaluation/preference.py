@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from core.evaluation.scoring import by_length
+from core.evaluation.scoring import bootstrap, by_length
 from core.reports import Difference, PreferenceEval, PreferenceScores
 
 START_ADAPTER = "start"  # the peft adapter name of the start adapter while scoring
@@ -92,13 +92,8 @@ def preference_scores(rows: PairRows, base: PairRows, beta: float) -> Preference
 
 
 def _interval(statistic: Callable[[np.ndarray], float], rows: int, resamples: int, seed: int) -> Difference:
-    """statistic over every pair, with its 95% percentile interval from `resamples` bootstrap resamples."""
-    rng = np.random.default_rng(seed)
-    draws = np.array([statistic(rng.integers(0, rows, rows)) for _ in range(resamples)])
-    low, high = np.percentile(draws, [2.5, 97.5]) if resamples else (float("nan"), float("nan"))
-    return Difference(
-        delta=statistic(np.arange(rows)), low=float(low), high=float(high), rows=rows, resamples=resamples
-    )
+    """statistic over every pair, with its 95% interval from `resamples` bootstrap resamples (seeded per statistic)."""
+    return bootstrap(statistic, rows, resamples, np.random.default_rng(seed))
 
 
 def evaluate_preferences(

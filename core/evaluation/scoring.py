@@ -201,14 +201,19 @@ def paired_bootstrap(
         b_e, t_e = np.array([e for _, e in base_rows], float), np.array([e for _, e in tuned_rows], float)
         metrics["rouge_l"] = (len(base_rows), lambda i: t_r[i].mean() - b_r[i].mean())
         metrics["exact_match"] = (len(base_rows), lambda i: t_e[i].mean() - b_e[i].mean())
-    out = {}
-    for name, (rows, diff) in metrics.items():
-        draws = np.array([diff(rng.integers(0, rows, rows)) for _ in range(resamples)])
-        low, high = np.percentile(draws, [2.5, 97.5]) if resamples else (float("nan"), float("nan"))
-        out[name] = Difference(
-            delta=float(diff(np.arange(rows))), low=float(low), high=float(high), rows=rows, resamples=resamples
-        )
-    return out
+    return {name: bootstrap(diff, rows, resamples, rng) for name, (rows, diff) in metrics.items()}
+
+
+def bootstrap(statistic: Callable, rows: int, resamples: int, rng) -> Difference:
+    """statistic(row indices) over every row, with its 95% percentile interval from `resamples` resamples of the
+    rows drawn from `rng` (NaN bounds without resamples)."""
+    import numpy as np
+
+    draws = np.array([statistic(rng.integers(0, rows, rows)) for _ in range(resamples)])
+    low, high = np.percentile(draws, [2.5, 97.5]) if resamples else (float("nan"), float("nan"))
+    return Difference(
+        delta=float(statistic(np.arange(rows))), low=float(low), high=float(high), rows=rows, resamples=resamples
+    )
 
 
 def _samples(ds: Dataset, base_answers: list[str], tuned_answers: list[str]):
