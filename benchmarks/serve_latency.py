@@ -20,10 +20,13 @@ One run, one machine, sequentially (never both at once). Rows:
 - `--engine llama-server`: that llama-server alone (same files, same slots), asked on its own OpenAI endpoint (it
   renders the chat template itself): `llama-server: openai, N clients`, what llama.cpp gives without the deployment.
   `--engine transformers llama_cpp llama-server` runs all three, one server at a time.
-- `--request-log both`: the transformers deployment again with `log_requests: false`, its OpenAI rows named
-  `no request log: openai, N clients`; each logged row gets `request_log_cost`, the share of tokens/s the request
-  log (core/feedback/requestlog.py) costs against them. `on` (default) / `off`: only that deployment. The log
-  writes to a SQLite file in the run's scratch folder, never the store's own log.
+- `--request-log both`: a second transformers deployment with `log_requests: false`, up next to the logged one
+  (an idle server costs nothing), its OpenAI rows named `no request log: openai, N clients`. The two take turns:
+  for each client count, one row on each, in `--rounds` rounds, the order swapped every round, so that drift of
+  the machine's speed falls on both alike. Each logged row gets `request_log_cost`, the share of tokens/s the
+  request log (core/feedback/requestlog.py) costs against the unlogged row of the same round and clients; the
+  result's `request_log_cost` has them per client count and their mean. `on` (default) / `off`: only that
+  deployment. The log writes to a SQLite file in the run's scratch folder, never the store's own log.
 Every row answers every prompt greedily (temperature 0) with the same max_new_tokens, after one warm-up request.
 Per row: p50 / p95 / mean latency per request (seconds, client side) and generated tokens/s (completion tokens of
 all requests / the row's wall time from first request to last answer). `same answers` checks the deployment's
@@ -287,8 +290,10 @@ def print_table(result: dict) -> None:
             print(f"{r['row']}: same answers as direct: {r['same_answers_as_direct']}")
         if r.get("clients", 1) > 1 and "throughput_vs_sequential" in r:
             print(f"{r['row']}: {r['throughput_vs_sequential']:.2f}x the tokens/s of 1 client")
-        if "request_log_cost" in r:
-            print(f"{r['row']}: the request log costs {100 * r['request_log_cost']:+.1f}% of the tokens/s without it")
+    for clients, c in result.get("request_log_cost", {}).items():
+        each = ", ".join(f"{100 * x:+.1f}%" for x in c["rounds"])
+        print(f"the request log costs {100 * c['mean']:+.1f}% of the tokens/s without it at {clients} client(s) "
+              f"(mean of {len(c['rounds'])} round(s): {each})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -311,8 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--request-log",
         choices=["on", "off", "both"],
         default="on",
-        help="the transformers deployment with the request log (on), without (off), or both, one after the other",
+        help="the transformers deployment with the request log (on), without (off), or both, taking turns",
     )
+    ap.add_argument("--rounds", type=int, default=1, help="OpenAI rows per deployment and client count, in turns")
     args = ap.parse_args(argv)
     if args.threads:  # before torch is imported, here and in the server process (it inherits the environment)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
@@ -374,39 +380,51 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"serve-bench-{uuid.uuid4().hex[:6]}"
     request_log = {"url": f"sqlite:///{scratch / 'request-log.db'}"}  # never the store's own log
     logged = {"on": [True], "off": [False], "both": [True, False]}[args.request_log]
-    deployments = [
-        (e, log) for e in args.engine if e != "llama-server" for log in (logged if e == "transformers" else [True])
-    ]
+    engines = [e for e in args.engine if e != "llama-server"]
+    names = {log: name if log else f"{name}-nolog" for log in logged}  # both: two deployments, up together
     rows = []
+
+    def deploy(engine: str, log_requests: bool) -> str:
+        update = {"engine": engine, "gguf_type": args.gguf_type, "log_requests": log_requests}
+        engine_cfg = cfg.model_copy(update=update | {"request_log": cfg.request_log.model_copy(update=request_log)})
+        pipe = serve_pipeline.with_options(
+            on_init_kwargs={"config": engine_cfg.model_dump()}, settings={"deployer.local": {"port": None}}
+        )
+        url = pipe.deploy(deployment_name=names[log_requests], timeout=600).url.rstrip("/")
+        wait_healthy(url)
+        return url
+
     try:
         if "transformers" in args.engine:
             rows.append(run_direct(served, prompts, max_new_tokens))
         del served  # the server holds its own copy
-        for engine, log_requests in deployments:
-            update = {"engine": engine, "gguf_type": args.gguf_type, "log_requests": log_requests}
-            engine_cfg = cfg.model_copy(update=update | {"request_log": cfg.request_log.model_copy(update=request_log)})
-            pipe = serve_pipeline.with_options(
-                on_init_kwargs={"config": engine_cfg.model_dump()}, settings={"deployer.local": {"port": None}}
-            )
-            url = pipe.deploy(deployment_name=name, timeout=600).url.rstrip("/")
-            wait_healthy(url)
-            if engine == "transformers" and log_requests:
-                rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=False))
-                rows.append(run_deployment(url, prompts, max_new_tokens, in_memory=True))
-            label = engine if log_requests or args.request_log == "off" else "no request log"
-            for clients in CLIENTS:
-                rows.append(run_openai(url, prompts, max_new_tokens, clients, label))
-            client.delete_deployment(name, force=True)  # one server at a time: never two engines on the cores
+        for engine in engines:
+            urls = {log: deploy(engine, log) for log in (logged if engine == "transformers" else [True])}
+            if engine == "transformers" and True in urls:
+                rows.append(run_deployment(urls[True], prompts, max_new_tokens, in_memory=False))
+                rows.append(run_deployment(urls[True], prompts, max_new_tokens, in_memory=True))
+            for round_ in range(args.rounds):
+                turns = list(urls) if round_ % 2 == 0 else list(reversed(urls))  # who goes first alternates
+                for clients in CLIENTS:
+                    for log_requests in turns:
+                        label = engine if log_requests or args.request_log == "off" else "no request log"
+                        row = run_openai(urls[log_requests], prompts, max_new_tokens, clients, label)
+                        if args.rounds > 1:
+                            row |= {"row": f"{row['row']} #{round_ + 1}", "round": round_ + 1}
+                        rows.append(row)
+            for deployment in names.values():  # one engine at a time: never two engines on the cores
+                client.delete_deployment(deployment, force=True)
         if "llama-server" in args.engine:
             if adapter is None:
                 raise SystemExit("--engine llama-server needs a preset (its adapter folder), not --serve-config")
             gguf_cfg = cfg.model_copy(update={"gguf_type": args.gguf_type})
             rows += run_llama_server(gguf_cfg, base, adapter, prompts, max_new_tokens)
     finally:
-        try:
-            client.delete_deployment(name, force=True)
-        except KeyError:
-            pass
+        for deployment in names.values():
+            try:
+                client.delete_deployment(deployment, force=True)
+            except KeyError:
+                pass
         shutil.rmtree(scratch, ignore_errors=True)
     for r in rows[1:]:
         if (
@@ -415,14 +433,24 @@ def main(argv: list[str] | None = None) -> dict:
             and r.get("engine", "transformers") == "transformers"
         ):
             r["same_answers_as_direct"] = r["answers"] == rows[0]["answers"]
+
+    def same(engine: str, clients: int, r: dict):  # the row of that engine and clients in r's round
+        match = (
+            b for b in rows if (b.get("engine"), b.get("clients"), b.get("round")) == (engine, clients, r.get("round"))
+        )
+        return next(match, None)
+
     for r in rows:  # each engine's concurrent rows against its own 1-client row
-        sequential = next((s for s in rows if s.get("clients") == 1 and s.get("engine") == r.get("engine")), None)
+        sequential = same(r.get("engine"), 1, r)
         if sequential and r.get("clients"):
             r["throughput_vs_sequential"] = round(r["tokens_per_s"] / sequential["tokens_per_s"], 2)
+    costs: dict[int, list[float]] = {}
     for r in rows:  # the request log's cost: logged transformers rows against the same clients without it
-        bare = next((b for b in rows if b.get("engine") == "no request log" and b["clients"] == r.get("clients")), None)
+        bare = same("no request log", r.get("clients"), r)
         if bare and r.get("engine") == "transformers" and bare["tokens_per_s"]:
             r["request_log_cost"] = round(1 - r["tokens_per_s"] / bare["tokens_per_s"], 4)
+            costs.setdefault(r["clients"], []).append(r["request_log_cost"])
+    request_log_cost = {clients: {"rounds": c, "mean": round(statistics.mean(c), 4)} for clients, c in costs.items()}
     result = {
         "preset": preset_name,
         "model": model_desc,
@@ -433,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gguf_type": args.gguf_type,
         "engines": args.engine,
         "request_log": args.request_log,
+        "rounds": args.rounds,
+        "request_log_cost": request_log_cost,
         **common.versions("torch"),
         "rows": rows,
     }
