@@ -263,6 +263,15 @@ class ValidationConfig(StrictModel):
     max_examples: int = Field(
         5, ge=1, description="Offending rows quoted in an error message: enough to find the problem, not the file."
     )
+    pii: Literal["feedback", "all", "off"] = Field(
+        "feedback",
+        description="Rows whose text (every turn and answer) still holds an e-mail address or a Luhn-valid card "
+        "number, found by the request log's redaction (core/feedback/redaction.py), fail or are dropped per "
+        "`policy`; the error names the row, the field and the kind, never the text. feedback: rows of a "
+        "`source: feedback` store only (ids `feedback:<completion id>`, mixed in too): answers are redacted when "
+        "logged, corrections sent to the feedback API are not; all: every row (task data may quote an address on purpose, e.g. a support e-mail); off: no check "
+        "(e.g. a deployment that logs with redact_emails: false).",
+    )
 
 
 class PromptConfig(StrictModel):

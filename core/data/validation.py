@@ -20,6 +20,12 @@ GE's column-map expectations (regex, lengths, in/not-in set) skip null values: t
 `missing_count`, not as unexpected. So nulls are caught only by the explicit not-null expectations, and a
 null turn makes `prompt`/`response` null rather than "" so that it is reported once, as a null.
 
+PII (`validation.pii`): the `rows` frame gets a `pii` column, null unless the row is in scope (feedback rows by
+default) and one of its texts (turn contents, preference answers) still holds what the request log's redaction
+removes (core/feedback/redaction.py: an e-mail address, a Luhn-valid card number). Its value names the kind and the
+field ("email in messages[1].content"), never the text, so the error message quoting it carries no PII; every
+other quoted value goes through the same redaction before it is shown.
+
 Policy `fail` raises one DataValidationError naming every failed expectation; `drop` removes offending
 rows (for duplicates it keeps the first occurrence) and counts drops per expectation. Failures that no
 row can be blamed for (a missing column, an empty dataset) raise under both policies.
@@ -41,6 +47,7 @@ from core.artifacts import HtmlReport, html_table
 from core.config import ValidationConfig
 from core.data.preference import ANSWERS, LABELS, label_key, preference_kind
 from core.data.preference import FEATURES as PREFERENCE_FEATURES
+from core.feedback.redaction import pii_kinds, redact
 
 logger = logging.getLogger(__name__)
 # GE logs dozens of INFO lines on import and per context (ZenML's root logger is at INFO): keep step logs
@@ -192,8 +199,9 @@ def build_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Check]:
         return {"rows": (pd.DataFrame(index=range(len(ds)), columns=ds.column_names), schema, {})}
     rows, turns = flatten(ds)
     eval_rows, on_eval, train_prompts = _leakage_check(rows)
+    pii = _pii_check(rows, turns, "messages", (), cfg)
     return {
-        "rows": (rows, schema + _row_expectations(cfg), {}),
+        "rows": (rows, schema + _row_expectations(cfg) + pii, {}),
         "turns": (turns, _turn_expectations(), {}),
         "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
     }
@@ -295,6 +303,49 @@ def _leakage_check(
     return eval_rows, on_eval, train_prompts
 
 
+def in_pii_scope(row_id: Any, scope: str) -> bool:
+    """Whether `validation.pii` checks this row: every row (all), none (off), or a feedback store's (feedback)."""
+    from core.data.feedback import completion_id
+
+    if scope == "feedback":
+        return isinstance(row_id, str) and completion_id(row_id) is not None
+    return scope == "all"
+
+
+def _pii_check(
+    rows: pd.DataFrame, turns: pd.DataFrame, turn_key: str, answers: tuple[str, ...], cfg: ValidationConfig
+) -> list[Any]:
+    """Adds `rows["pii"]` (what is left in each in-scope row: "email in messages[1].content; card in chosen", else
+    null) and returns the expectation that it is null; nothing under `pii: off`."""
+    import great_expectations.expectations as gxe
+
+    if cfg.pii == "off":
+        return []
+    scoped = [in_pii_scope(i, cfg.pii) for i in rows["id"]]
+    found: list[list[str]] = [[] for _ in scoped]
+    turn_numbers = turns.groupby("row").cumcount()  # a turn's position in its row's conversation
+    for pos, n, text in zip(turns["row"], turn_numbers, turns[f"{turn_key}.content"], strict=True):
+        if scoped[pos] and isinstance(text, str):
+            found[pos] += [f"{kind} in {turn_key}[{n}].content" for kind in pii_kinds(text)]
+    for column in answers:
+        for pos, text in enumerate(rows[column]):
+            if scoped[pos] and isinstance(text, str):
+                found[pos] += [f"{kind} in {column}" for kind in pii_kinds(text)]
+    rows["pii"] = ["; ".join(f) if f else None for f in found]
+    where = "feedback rows" if cfg.pii == "feedback" else "every row"
+    return [
+        gxe.ExpectColumnValuesToBeNull(
+            column="pii",
+            meta=guards(
+                "personal data left after redaction (e-mail addresses, card numbers) trained into the model",
+                parameters=f"e-mails, Luhn-valid card numbers (core/feedback/redaction.py) in {where}",
+                hint=f"text the request log's redaction removes: clean the source, or see validation.pii ({cfg.pii})",
+                quote="whole",  # the value names the kind and the field, never the text
+            ),
+        )
+    ]
+
+
 # --- preference data (core/data/preference.py's schema) ----------------------------------------
 
 
@@ -312,8 +363,10 @@ def build_preference_checks(ds: Dataset, cfg: ValidationConfig) -> dict[str, Che
     rows, turns = flatten_preference(ds)
     # the data's own held-out rows are "eval", every other row trains (ingest leaves them unassigned)
     eval_rows, on_eval, train_prompts = _leakage_check(rows, ("train", ""), "preference accuracy")
+    kind = preference_kind(ds)
+    pii = _pii_check(rows, turns, "prompt", ANSWERS[kind], cfg)
     return {
-        "rows": (rows, schema + _preference_expectations(preference_kind(ds), cfg), {}),
+        "rows": (rows, schema + _preference_expectations(kind, cfg) + pii, {}),
         "turns": (turns, _turn_expectations("prompt"), {}),
         "eval rows": (eval_rows, on_eval, {"train_prompts": train_prompts}),
     }
@@ -433,11 +486,13 @@ def run_checks(checks: dict[str, Check]) -> dict[str, list[Any]]:
     return results
 
 
-def _preview(value: Any) -> str:
+def _preview(value: Any, limit: int | None = VALUE_PREVIEW) -> str:
+    """An offending value as quoted in a message: e-mails and card numbers redacted (PII never reaches a log), cut
+    at `limit` characters (None: whole)."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "null"
-    text = repr(value)
-    return text if len(text) <= VALUE_PREVIEW else text[: VALUE_PREVIEW - 3] + "..."
+    text = repr(redact(value) if isinstance(value, str) else value)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate_dataset(ds: Dataset, cfg: ValidationConfig) -> tuple[Dataset, ValidationReport]:
@@ -503,8 +558,11 @@ def read_results(checks: dict[str, Check], ge_results: dict[str, list[Any]], max
                 continue
             positions = frame["row"].loc[index].tolist() if unit == "turns" else list(index)
             found.offending.append((item, positions))
-            hint = (res.expectation_config.meta or {}).get("hint")
-            found.messages.append(_row_failure(item, frame, rows, positions, index, max_examples, hint))
+            meta = res.expectation_config.meta or {}
+            limit = None if meta.get("quote") == "whole" else VALUE_PREVIEW
+            found.messages.append(
+                _row_failure(item, frame, rows, positions, index, max_examples, meta.get("hint"), limit)
+            )
     return found
 
 
@@ -533,6 +591,7 @@ def _row_failure(
     index: list[int],
     max_examples: int,
     hint: str | None,
+    limit: int | None = VALUE_PREVIEW,
 ) -> str:
     """A failure's message, quoting its first offending rows (by id and value); sets the item's example_ids."""
     first: dict[int, int] = {}  # row position -> its first offending value's index (one per row)
@@ -540,7 +599,7 @@ def _row_failure(
         first.setdefault(p, i)
     shown = list(first.items())[:max_examples]
     item.example_ids = [str(rows["id"].iloc[p]) for p, _ in shown]
-    examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[item.column].loc[i])}" for p, i in shown)
+    examples = ", ".join(f"{rows['id'].iloc[p]} = {_preview(frame[item.column].loc[i], limit)}" for p, i in shown)
     more = len(first) - len(shown)
     # what a failure usually means, where the expectation's name does not say (see MOJIBAKE_HINT)
     return (

@@ -1,6 +1,7 @@
 """Redaction before storage: e-mail addresses, card-like numbers and the config's own patterns never reach the log.
 
-Applied by core/feedback/requestlog.py to every message and the answer of a completion before it is written.
+Applied by core/feedback/requestlog.py to every message and the answer of a completion before it is written. The
+same detectors (pii_kinds) let validation (core/data/validation.py) find what is still there in training rows.
 """
 
 from __future__ import annotations
@@ -25,9 +26,21 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _is_card(match: re.Match) -> bool:
+    return luhn_valid(re.sub(r"\D", "", match.group()))  # order numbers and phone numbers are not
+
+
 def _card(match: re.Match) -> str:
-    digits = re.sub(r"\D", "", match.group())
-    return "[card]" if luhn_valid(digits) else match.group()  # order numbers and phone numbers stay
+    return "[card]" if _is_card(match) else match.group()
+
+
+def pii_kinds(text: str) -> list[str]:
+    """What the built-in redaction would replace in `text`: "email" and/or "card" (a Luhn-valid card-like number),
+    never the matched text itself, so that a caller can report it without logging it."""
+    kinds = ["email"] if EMAIL.search(text) else []
+    if any(_is_card(m) for m in CARD.finditer(text)):
+        kinds.append("card")
+    return kinds
 
 
 @dataclass(frozen=True)

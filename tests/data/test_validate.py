@@ -306,3 +306,76 @@ def test_step_in_pipeline_stores_both_outputs_and_metadata(zenml_home):
     assert list(clean["id"]) == CLEAN_IDS
     assert isinstance(report, ValidationReport) and (report.rows_in, report.rows_out) == (len(CLEAN) + 1, len(CLEAN))
     assert step_run.run_metadata["rows_dropped"] == 1
+
+
+# --- PII left after redaction (validation.pii) ----------------------------------------------
+
+NULL = "expect_column_values_to_be_null"
+EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"  # a Luhn-valid test card number
+LEFT_OVER = [
+    row("feedback:chatcmpl-1", chat("Where is my order?", f"We wrote to {EMAIL} yesterday.")),
+    row("acme_feedback::feedback:chatcmpl-2", chat(f"Charge {CARD} again?", "No, it was refunded.")),  # mixed in
+]
+
+
+def test_pii_left_in_feedback_rows_fails_naming_row_field_and_kind_not_the_text():
+    with pytest.raises(DataValidationError) as err:
+        validate_dataset(dataset(CLEAN + LEFT_OVER), ValidationConfig(policy="fail"))
+    message = str(err.value)
+    line = failure_line(message, NULL, "pii")
+    assert "feedback:chatcmpl-1 = 'email in messages[1].content'" in line
+    assert "acme_feedback::feedback:chatcmpl-2 = 'card in messages[0].content'" in line
+    assert "2 of" in line
+    assert EMAIL not in message and "jane.doe" not in message and CARD not in message and "4111" not in message
+    assert all(id_ not in message for id_ in CLEAN_IDS)
+
+
+def test_pii_left_in_feedback_rows_is_dropped_under_drop(caplog):
+    out, report = validate_dataset(dataset(CLEAN + LEFT_OVER), ValidationConfig(policy="drop"))
+    assert list(out["id"]) == CLEAN_IDS
+    [result] = [r for r in report.results if r.column == "pii"]
+    assert not result.success and result.dropped == 2
+    assert result.example_ids == ["feedback:chatcmpl-1", "acme_feedback::feedback:chatcmpl-2"]
+    assert "feedback:chatcmpl-1" in caplog.text and EMAIL not in caplog.text and CARD not in caplog.text
+    assert EMAIL not in report.model_dump_json() and EMAIL not in report.to_html()
+
+
+def test_pii_in_task_data_is_checked_only_when_asked():
+    """A support address in the task data is a fact to learn (data/acme_support): untouched by default."""
+    support = [row("train.jsonl:9", chat("How do I reach support?", "Write to help@acmetrailworks.example."))]
+    ds = dataset(CLEAN + support)
+    out, report = validate_dataset(ds, ValidationConfig())  # pii: feedback
+    assert out is ds and report.success
+    with pytest.raises(DataValidationError, match=r"train.jsonl:9 = 'email in messages\[1\].content'"):
+        validate_dataset(ds, ValidationConfig(pii="all"))
+    out, report = validate_dataset(dataset(CLEAN + LEFT_OVER), ValidationConfig(pii="off"))
+    assert len(out) == len(CLEAN) + 2 and not any(r.column == "pii" for r in report.results)
+
+
+def test_pii_in_feedback_preference_rows_names_the_answer():
+    from core.data.preference import FEATURES as PREFERENCE_FEATURES
+
+    def pair(id_, prompt, chosen, rejected):
+        fields = {"prompt": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected}
+        return {k: None for k in PREFERENCE_FEATURES} | {"id": id_, "split": "train", **fields}
+
+    rows = [
+        pair("feedback:chatcmpl-1", "Refund?", "Yes, within 45 days.", "No."),
+        pair("feedback:chatcmpl-2", "Contact?", f"Mail {EMAIL}.", f"Call, or card {CARD}."),
+    ]
+    ds = Dataset.from_list(rows, features=PREFERENCE_FEATURES)
+    with pytest.raises(DataValidationError) as err:
+        validate_dataset(ds, ValidationConfig())
+    line = failure_line(str(err.value), NULL, "pii")
+    assert "feedback:chatcmpl-2 = 'email in chosen; card in rejected'" in line and EMAIL not in str(err.value)
+    out, _ = validate_dataset(ds, ValidationConfig(policy="drop"))
+    assert out["id"] == ["feedback:chatcmpl-1"]
+
+
+def test_other_failures_quote_values_redacted():
+    """Every quoted value goes through redaction, so a row failing another expectation leaks nothing either."""
+    bad = [row("bad.jsonl:1", chat(f"{EMAIL}\x00", "A."))]
+    with pytest.raises(DataValidationError) as err:
+        validate_dataset(dataset(CLEAN + bad), ValidationConfig(pii="off"))
+    line = failure_line(str(err.value), CONTROL, "messages.content")
+    assert "bad.jsonl:1 = '[email]\\x00'" in line and EMAIL not in str(err.value)

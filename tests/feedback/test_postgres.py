@@ -1,7 +1,7 @@
 """The request log and feedback on a real PostgreSQL server the test starts: Debian's `initdb` in a temp folder,
 listening on 127.0.0.1 only (its unix socket in the same folder), stopped by the test. The Alembic migration, the
 writer thread, idempotent feedback, filters, retention, and a server that goes down and comes back (the records
-wait, then are written).
+wait, then are written); and the `source: feedback` data source (core/data/feedback.py) reading that store.
 
 Needs psycopg (`make feedback-setup`, the `feedback` extra) and Debian's postgresql binaries; skipped without them.
 As root (CI containers) the server runs as the `postgres` user: PostgreSQL refuses to run as root.
@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from core.config import DataSource, ValidationConfig
+from core.data.feedback import row_versions
+from core.data.ingest import load_rows
+from core.data.validation import validate_dataset
 from core.feedback.config import RequestLogConfig
 from core.feedback.requestlog import RequestLog, purge_older_than
 from core.feedback.store import FeedbackStore, utcnow
@@ -132,3 +136,55 @@ def test_request_log_and_feedback_on_postgresql(postgres):
     finally:
         log.close()
     assert FeedbackStore.open(postgres.url).completion("chatcmpl-0") is not None  # migrated once, reopened as is
+
+
+@pytest.mark.integration  # starts a PostgreSQL server: make test-integration
+def test_feedback_source_reads_a_postgresql_store(postgres):
+    """Completions by versions 3 and 4 and their feedback, written through FeedbackStore, come back through the
+    loader ingest uses as canonical rows of each format: ids, texts, versions, the `since` window, validation."""
+    store = FeedbackStore.open(postgres.url)
+    store.add_completions(
+        [row(i, version="3" if i <= 2 else "4", messages=[{"role": "user", "content": f"q{i}?"}]) for i in range(1, 6)]
+    )
+    store.put_feedback("chatcmpl-1", "api", rating="down", correction="c1")
+    store.put_feedback("chatcmpl-2", "api", rating="up")
+    store.put_feedback("chatcmpl-3", "api", score=5)
+    store.put_feedback("chatcmpl-4", "api", score=3, comment="so-so")  # neither up nor down: no row
+    store.put_feedback("chatcmpl-5", "api", rating="up")
+    store.put_feedback("chatcmpl-5", "reviewer", score=1, correction="c5")  # newer, and a correction
+
+    def load(fmt: str, since: dt.datetime | None = None):
+        data = DataSource(source="feedback", url=postgres.url, format=fmt, since=None, min_rows=1)
+        return load_rows(data.model_copy(update={"since": since}))
+
+    def prompt(i: int) -> list[dict]:
+        return [{"role": "user", "content": f"q{i}?"}]
+
+    chat = load("chat")
+    ids = ["feedback:chatcmpl-1", "feedback:chatcmpl-2", "feedback:chatcmpl-3", "feedback:chatcmpl-5"]
+    assert chat["id"] == ids and set(chat["split"]) == {"train"}
+    assert chat["messages"] == [prompt(i) + [{"role": "assistant", "content": a}] for i, a in
+                                [(1, "c1"), (2, "a2"), (3, "a3"), (5, "c5")]]  # fmt: skip
+    assert row_versions(chat) == dict(zip(ids, ["3", "3", "4", "4"]))
+
+    pairs = load("pairs")
+    assert pairs["id"] == ["feedback:chatcmpl-1", "feedback:chatcmpl-5"]
+    assert (pairs["prompt"], pairs["chosen"], pairs["rejected"]) == ([prompt(1), prompt(5)], ["c1", "c5"], ["a1", "a5"])
+    assert row_versions(pairs) == {"feedback:chatcmpl-1": "3", "feedback:chatcmpl-5": "4"}
+
+    unpaired = load("unpaired")
+    assert list(zip(unpaired["id"], unpaired["completion"], unpaired["label"], unpaired["label_text"])) == [
+        ("feedback:chatcmpl-1", "a1", False, "down"),
+        ("feedback:chatcmpl-2", "a2", True, "up"),
+        ("feedback:chatcmpl-3", "a3", True, "up"),
+        ("feedback:chatcmpl-5", "a5", False, "down"),  # the reviewer's newer score outranks the api thumb
+    ]
+    for ds in (chat, pairs, unpaired):
+        clean, report = validate_dataset(ds, ValidationConfig())
+        assert report.success and len(clean) == len(ds)
+
+    cut = utcnow()  # timestamptz on the server: the window compares with an aware UTC time
+    store.put_feedback("chatcmpl-4", "api", correction="c4")
+    newer = load("chat", since=cut)
+    assert newer["id"] == ["feedback:chatcmpl-4"] and newer["messages"][0][-1]["content"] == "c4"
+    assert row_versions(newer) == {"feedback:chatcmpl-4": "4"}

@@ -32,3 +32,12 @@ def test_user_patterns_and_switches():
 def test_a_bad_pattern_is_a_config_error():
     with pytest.raises(ValidationError, match=r"redact_patterns\[1\] '\(unclosed' is not a valid regular expression"):
         RequestLogConfig(redact_patterns=["ok", "(unclosed"])
+
+
+def test_pii_kinds_finds_what_redaction_removes_and_never_returns_it():
+    from core.feedback.redaction import pii_kinds
+
+    assert pii_kinds("Mail jane.doe+acme@example.co.uk") == ["email"]
+    assert pii_kinds("card 5500-0000-0000-0004, from a@b.io") == ["email", "card"]
+    assert pii_kinds("Order 4111111111111112, phone +1 555 010 9999") == []  # fails the Luhn check
+    assert pii_kinds(redact("a@b.io paid with 4111 1111 1111 1111")) == []  # nothing left once redacted
