@@ -324,6 +324,10 @@ def take_token(gen: Generation, token: int, tokenizer, eos_ids: set[int]) -> str
 def finish(gen: Generation, reason: str) -> None:
     """Pass on the text not yet sent (unless cancelled), then tell the sink the generation is done."""
     gen.finish_reason = reason
+    # A character whose bytes max_new_tokens (or the end of turn) cut off never completes: the answer does not end
+    # in U+FFFD (stored by the request log, it would fail validation as training data)
+    gen.text = gen.text.rstrip("\ufffd")
+    gen.sent = min(gen.sent, len(gen.text))
     if reason != "cancelled" and gen.sent < len(gen.text):
         gen.sink("delta", gen.text[gen.sent :])
         gen.sent = len(gen.text)

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from core.serving.batching import Generation, QueueFullError
+from core.serving.batching import Generation, QueueFullError, finish, take_token
 from core.serving.model import ServeConfig, answer, build_served_model
 from core.serving.openai.errors import OpenAIError
 from core.serving.openai.routes import add_routes, check_access
@@ -207,3 +207,19 @@ def test_parse_keeps_the_trained_prompt_format(served):
     assert own.generation.input_ids != parsed.generation.input_ids
     assert "Be brief." in served.tokenizer.decode(own.generation.input_ids)
     assert SYSTEM not in served.tokenizer.decode(own.generation.input_ids)
+
+
+def test_an_answer_cut_inside_a_character_ends_before_it(bundled_tokenizer_dir):
+    """max_new_tokens cutting a multi-byte character leaves no U+FFFD at the end of the answer or the stream."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
+    ids = tok.encode("Caf\u00e9 \U0001f3d5", add_special_tokens=False)  # the tent emoji: several byte tokens
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # the case: a prefix of the emoji's bytes
+    deltas: list[str] = []
+    gen = Generation(adapter="default", input_ids=[1], max_new_tokens=len(ids) - 1,
+                     sink=lambda kind, value: deltas.append(value) if kind == "delta" else None)  # fmt: skip
+    reasons = [take_token(gen, t, tok, eos_ids=set()) for t in ids[:-1]]
+    assert reasons[-1] == "length"
+    finish(gen, "length")
+    assert gen.text == "Caf\u00e9 " and "".join(deltas) == gen.text
