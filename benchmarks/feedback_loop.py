@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--log", default="outputs/feedback-loop-retrain.log", help="the retrain run's output")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: the deployment is still removed (finally)
     os.environ.setdefault("ZENML_CONFIG_PATH", str(common.REPO / ".zenml-home"))  # the store `make run` uses
     os.environ.update(common.bench_env())
     os.chdir(common.REPO)  # the deployment imports pipelines/ from its working directory
@@ -201,10 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"retraining: configs/retrain_from_feedback.yaml (output: {log_path})")
     exit_code, seconds = retrain(log_path)
+    if exit_code != 0:  # a stopped gate too: the version it made has no merged model, nothing to compare
+        raise SystemExit(f"the retrain run failed (exit {exit_code}): see {log_path}")
     run = Client().get_pipeline("lora_pipeline").last_run
-    new = run.model_version.number if run.model_version else None
-    if new is None or new == served:
-        raise SystemExit(f"the retrain run made no new version (exit {exit_code}): see {log_path}")
+    new = run.model_version.number
 
     try:
         url = deploy(name, new)

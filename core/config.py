@@ -145,6 +145,8 @@ class DataSource(StrictModel):
         if self.source == "feedback":
             from sqlalchemy.engine import make_url
 
+            if self.url is None:  # resolved when the step runs (core.data.feedback.resolved)
+                return "the model's own feedback store (its deployment's default)"
             return f"feedback store {make_url(self.url).render_as_string(hide_password=True)}"
         return f"{self.path} (Hub)" if self.source == "hub" else str(self.path)
 

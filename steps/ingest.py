@@ -24,6 +24,8 @@ logger = get_logger(__name__)
 def ingest(data: DataSource, fingerprint: str) -> Annotated[Dataset, RAW_DATASET]:
     """Read and map the configured data; `fingerprint` (core.data.ingest.source_fingerprint) only keys the cache:
     ZenML's cache key sees parameters, not the files they point at."""
+    if data.source == "feedback":  # the store and window this run reads, in the logs and metadata below
+        data = feedback.resolved(data)
     ds = load_rows(data)
     counts = {s or "unassigned": n for s, n in pd.Series(ds["split"]).value_counts().items()}
     logger.info("ingested %d rows from %s (%s)", len(ds), data.where, counts)

@@ -99,7 +99,7 @@ def resolve_since(data: DataSource, model_name: str | None) -> DataSource:
     return data.model_copy(update={"since": created, "since_version": number})
 
 
-def _resolved(data: DataSource) -> DataSource:
+def resolved(data: DataSource) -> DataSource:
     """The window as of now: `since: last_version` (and a missing url) resolved for the running step's model."""
     if data.since == "last_version" or data.url is None:
         from core.runs.registry import current_model_name
@@ -136,7 +136,7 @@ def feedback_fingerprint(data: DataSource) -> str:
     from core.feedback.store import Feedback
 
     h = hashlib.sha256(data.model_dump_json().encode())
-    since = _resolved(data).since
+    since = resolved(data).since
     query = select(func.max(Feedback.updated_at), func.count(Feedback.id))
     if since is not None:
         query = query.where(Feedback.updated_at >= since)
@@ -217,7 +217,7 @@ def load_feedback_rows(data: DataSource) -> Dataset:
     from core.data.ingest import FEATURES as SFT_FEATURES
     from core.data.preference import FEATURES as PREFERENCE_FEATURES
 
-    data = _resolved(data)
+    data = resolved(data)
     entries = _open(data).feedback(since=data.since)
     rows = build_rows(entries, data.format)
     if len(rows) < max(data.min_rows, 1):
@@ -255,7 +255,7 @@ def row_versions(ds: Dataset) -> dict[str, str]:
 def ingest_record(data: DataSource, ds: Dataset) -> dict[str, Any]:
     """What a feedback ingest records (on its dataset artifact and the run's model version): the rows' count,
     their completion ids with the versions that answered, and the window they came from."""
-    data = _resolved(data)
+    data = resolved(data)
     versions = row_versions(ds)
     completions = {completion_id(rid): version for rid, version in versions.items()}
     counts: dict[str, int] = {}

@@ -20,11 +20,12 @@ import pytest
 import requests
 import yaml
 from conftest import REPO_ROOT, default_stack_plus
+from sqlalchemy import make_url
 from support.cli_run import run_config
 from test_preference_run import toy_pairs
 from test_shipped_configs import toy_data
 
-from core.feedback.store import sqlite_url
+from core.feedback.requestlog import default_url
 
 # a deployment and two CLI runs, ~3 min: make test-integration
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -74,9 +75,9 @@ def stage_served_version(root: Path, tiny_model_dir: Path):
 
 
 @contextmanager
-def deployed(root: Path, url: str) -> Iterator[str]:
+def deployed(root: Path, url: str | None = None) -> Iterator[str]:
     """configs/serve.yaml deployed as `make serve` deploys it (a stack with the local deployer), pointed at MODEL's
-    staged version, its request log at `url`, on a free port of 127.0.0.1; yields the server's URL. The deployment
+    staged version, its request log at `url` (None: as shipped, the model's default store), on a free port of 127.0.0.1; yields the server's URL. The deployment
     and its server process are deleted on the way out, pass or fail; the stack is active for this process (and the
     server) only while it runs, so the CLI runs after it use the default stack."""
     from zenml.client import Client
@@ -90,7 +91,8 @@ def deployed(root: Path, url: str) -> Iterator[str]:
     doc = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
     serve = doc["on_init_kwargs"]["config"]
     serve.update(model_name=MODEL, max_new_tokens_limit=16)
-    serve["request_log"]["url"] = url
+    if url is not None:
+        serve["request_log"]["url"] = url
     ServeConfig.model_validate(serve)  # a bad edit fails here, not in the server's log
     # a free port of the OS's own choosing: the local deployer's (port None) scans up from 8000, where other servers
     # on a shared machine scan too, and one that binds first takes the port from under ours
@@ -197,21 +199,23 @@ def ask_and_rate(base: str, version: str) -> tuple[dict[int, tuple[str, str]], l
     return got, unrated
 
 
-def tiny_retrain_config(root: Path, tiny_model_dir: Path, url: str, sft_min_rows: int = 5) -> Path:
+def tiny_retrain_config(root: Path, tiny_model_dir: Path, url: str | None = None, sft_min_rows: int = 5) -> Path:
+    """configs/retrain_from_feedback.yaml on the tiny model; `url` None: as shipped, both feedback sources read the
+    model's default store (the one its deployment writes)."""
     doc = yaml.safe_load((REPO_ROOT / "configs" / "retrain_from_feedback.yaml").read_text())
     doc["model"]["name"] = MODEL
     config = doc["parameters"]["config"]
     config["model"] = {"source": "local", "name": str(tiny_model_dir)}
     toy_data(config["data"], root, "data", offset=300)
     (feedback,) = config["data"]["mix"]
-    feedback.update(url=url, min_rows=sft_min_rows)
+    feedback.update(min_rows=sft_min_rows, **({"url": url} if url else {}))
     config["train"].update(
         num_epochs=2, learning_rate=1e-2, micro_batch_size=4, tokens_per_micro_batch=None, save_every=100,
         checkpoint_dir=str(root / "ckpt"),
     )  # fmt: skip
     config["train"]["replay"]["answers"] = "data"  # a random tiny model never ends an answer: no own rehearsal
     pairs = config["train"]["preference"]
-    pairs["data"].update(url=url, min_rows=3, eval_path=toy_pairs(root)["eval_path"])
+    pairs["data"].update(min_rows=3, eval_path=toy_pairs(root)["eval_path"], **({"url": url} if url else {}))
     pairs.update(learning_rate=5e-3, num_epochs=2)
     config["evaluate"].update(num_generate=2, max_new_tokens=4, general_max_new_tokens=4)
     # this test is about the data the run trains on: a tiny model's gate verdict would only make it flaky
@@ -238,8 +242,7 @@ def test_retrain_learns_exactly_the_feedback_and_traces_it(zenml_home, tmp_path,
 
     client = Client()
     served = stage_served_version(tmp_path, tiny_model_dir)
-    url = sqlite_url(tmp_path / "feedback.db")
-    with deployed(tmp_path, url) as base:
+    with deployed(tmp_path) as base:  # the shipped settings: the request log in the model's default store
         got, unrated = ask_and_rate(base, str(served.number))  # all feedback is newer than the staged version
     with pytest.raises(requests.ConnectionError):  # the server the test started is gone
         requests.get(base + "/health", timeout=5)
@@ -247,7 +250,8 @@ def test_retrain_learns_exactly_the_feedback_and_traces_it(zenml_home, tmp_path,
     answers = {i: answer for i, (_, answer) in got.items()}
     assert len(set(answers.values())) == len(ITEMS)  # each completion its own answer
 
-    done = run_config(tiny_retrain_config(tmp_path, tiny_model_dir, url))
+    assert Path(make_url(default_url(MODEL)).database).is_file()
+    done = run_config(tiny_retrain_config(tmp_path, tiny_model_dir))  # the shipped config reads that store
     assert done.returncode == 0, failure(done)
     run = client.get_pipeline("lora_pipeline").last_run
     mixed = run.steps["mix_data"].outputs["mixed_train_dataset"][0].load()
@@ -269,14 +273,14 @@ def test_retrain_learns_exactly_the_feedback_and_traces_it(zenml_home, tmp_path,
     assert meta["feedback_pairs"]["completions"] == {ids[i]: str(served.number) for i in CORRECTED}
     assert headline(meta)["feedback_rows"] == 8  # the history counts each completion once (SFT row and pair)
 
-    assert trace([ids[SECOND_SOURCE], "--db", url]) == 0
+    assert trace([ids[SECOND_SOURCE], "--model", MODEL]) == 0  # the model's default store, as deployed
     out = capsys.readouterr().out
     assert f"answered by model {MODEL} version {served.number} (adapter default)" in out
     assert f"learned by version {new.number}" in out and run.name in out
 
     # too little new feedback: the run stops at the feedback's ingest and promotes nothing
     stages = {v.number: v.stage for v in client.list_model_versions(model=MODEL).items}
-    done = run_config(tiny_retrain_config(tmp_path, tiny_model_dir, url, sft_min_rows=100))
+    done = run_config(tiny_retrain_config(tmp_path, tiny_model_dir, sft_min_rows=100))
     assert done.returncode != 0
     stopped = re.search(
         r"error in step ingest_mix_feedback: TooLittleFeedback: too little new feedback: \d+ chat rows since version "
