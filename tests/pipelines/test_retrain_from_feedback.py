@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from conftest import REPO_ROOT, default_stack_plus
 from sqlalchemy import make_url
 from support.cli_run import run_config
+from support.deployments import fail_with_server_logs, wait_answering
 from test_preference_run import toy_pairs
 from test_shipped_configs import toy_data
 
@@ -109,26 +109,12 @@ def deployed(root: Path, url: str | None = None) -> Iterator[str]:
                 pipe = serve_pipeline.with_options(config_path=str(config_path))
                 deployment = pipe.deploy(deployment_name=name, timeout=120)
                 base = deployment.url.rstrip("/")
-                deadline = time.monotonic() + 120
-                while True:  # the server listens once on_init has loaded the model
-                    try:
-                        info = requests.get(base + "/info", timeout=5)
-                        if info.status_code == 200:
-                            break
-                    except requests.ConnectionError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("deployment did not answer /info within 120 s")
-                    time.sleep(0.5)
+                info = wait_answering(base + "/info")
                 answering = info.json()["deployment"]
                 if answering["id"] != str(deployment.id):  # this server, not another one on the same port
                     raise RuntimeError(f"{base} is another deployment's server ({answering['name']}), not ours")
             except Exception as err:
-                try:
-                    logs = "\n".join(client.get_deployment_logs(name, tail=60))
-                except Exception as log_err:  # no deployment, or no log file
-                    logs = f"(no logs: {log_err})"
-                pytest.fail(f"{err}\nlast server log lines:\n{logs}")
+                fail_with_server_logs(client, name, err)
             assert base.startswith("http://127.0.0.1:")  # loopback only
             yield base
         finally:
