@@ -93,15 +93,20 @@ def ask(url: str, questions: list[str]) -> list[dict]:
         return list(pool.map(one, questions))
 
 
-def score(answers: list[str], references: list[str]) -> dict:
-    from core.evaluation.scoring import row_scores
+def accepted(rouge_l: float, exact: bool) -> bool:
+    """The reviewer's verdict on one answer (row_scores' pair for it)."""
+    return exact or rouge_l >= RIGHT_ROUGE
 
-    rows = row_scores(answers, references)
+
+def score(answers: list[str], references: list[str]) -> dict:
+    from core.evaluation.scoring import row_scores, text_scores
+
+    rouge_l, exact_match = text_scores(answers, references)
     return {
-        "rows": len(rows),
-        "exact_match": round(sum(e for _, e in rows) / len(rows), 3),
-        "rouge_l": round(sum(r for r, _ in rows) / len(rows), 3),
-        "right": sum(e or r >= RIGHT_ROUGE for r, e in rows),
+        "rows": len(references),
+        "exact_match": round(exact_match, 3),
+        "rouge_l": round(rouge_l, 3),
+        "right": sum(accepted(r, e) for r, e in row_scores(answers, references)),
     }
 
 
@@ -118,7 +123,7 @@ def review(url: str, asked: list[dict], references: list[str]) -> tuple[dict, li
         asked, references, row_scores([a["answer"] for a in asked], references)
     ):
         body = {"completion_id": reply["id"], "source": REVIEWER}
-        if exact or rouge >= RIGHT_ROUGE:
+        if accepted(rouge, exact):
             body["rating"] = "up"
             counts["up"] += 1
         else:
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         undeploy(name)
     print(f"version {served} answered {len(questions) + len(heldout)} questions; the reviewer: {feedback}")
+    if not corrected:  # before the retrain: with nothing corrected there is nothing to learn
+        raise SystemExit("the reviewer corrected nothing: the served version already knew every answer")
 
     log_path = common.REPO / args.log
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +240,6 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for k, rows in sets.items()
     }
-    if not corrected:
-        raise SystemExit("the reviewer corrected nothing: the served version already knew every answer")
     trace = subprocess.run(
         [sys.executable, "-m", "cli.trace", corrected[0]], cwd=common.REPO, capture_output=True, text=True
     ).stdout
